@@ -65,6 +65,22 @@ impl ConnectionEnd {
     pub fn first_error(&self) -> Option<&str> {
         self.first_error.get().map(String::as_str)
     }
+
+    /// A handle on the first error that outlives this `ConnectionEnd` (which
+    /// is usually moved into a shutdown future).
+    pub fn first_error_handle(&self) -> FirstError {
+        FirstError(self.first_error.clone())
+    }
+}
+
+/// See [`ConnectionEnd::first_error_handle`].
+#[derive(Debug, Clone)]
+pub struct FirstError(Arc<OnceLock<String>>);
+
+impl FirstError {
+    pub fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
 }
 
 impl<S> Watched<S> {

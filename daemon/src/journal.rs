@@ -15,6 +15,10 @@ use serde::de::DeserializeOwned;
 /// The record format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// A journal holds little; sled's default cache (1 GiB) would let a quiet
+/// agent's memory grow for nothing.
+const JOURNAL_CACHE_BYTES: u64 = 4 * 1024 * 1024;
+
 const FORMAT_KEY: &[u8] = b"walbridge.journal.format_version";
 
 #[derive(Debug, thiserror::Error)]
@@ -60,15 +64,19 @@ impl std::fmt::Debug for Journal {
 impl Journal {
     /// Opens (or creates) the journal in `path`.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
-        let db = sled::Config::new().path(path).open().map_err(|source| match &source {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || is_lock_error(io) => {
-                JournalError::InUse { path: path.to_owned() }
-            }
-            _ => JournalError::Storage {
-                path: path.to_owned(),
-                source,
-            },
-        })?;
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(JOURNAL_CACHE_BYTES)
+            .open()
+            .map_err(|source| match &source {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || is_lock_error(io) => {
+                    JournalError::InUse { path: path.to_owned() }
+                }
+                _ => JournalError::Storage {
+                    path: path.to_owned(),
+                    source,
+                },
+            })?;
         let journal = Journal {
             db,
             path: path.to_owned(),

@@ -10,7 +10,9 @@
 
 pub mod connection;
 pub mod journal;
+pub mod pg;
 pub mod pki;
+pub mod process;
 pub mod settings;
 pub mod telemetry;
 pub mod tls;

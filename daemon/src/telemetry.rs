@@ -58,6 +58,7 @@ pub fn init(service: &'static str, format: LogFormat) -> Telemetry {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = match format {
         LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .with_filter(filter())
             .boxed(),
@@ -157,4 +158,16 @@ pub fn continue_trace(span: &tracing::Span, metadata: &tonic::metadata::Metadata
         opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&MetadataExtractor(metadata)));
     // Without a tracing-opentelemetry layer there is nothing to attach to.
     let _ = span.set_parent(parent);
+}
+
+/// A tonic interceptor that puts the current trace context on every call,
+/// so the callee's spans join the caller's trace.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PropagateTrace;
+
+impl tonic::service::Interceptor for PropagateTrace {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        inject_context(request.metadata_mut());
+        Ok(request)
+    }
 }

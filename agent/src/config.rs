@@ -1,0 +1,114 @@
+//! The agent's settings, resolved and checked before it dials anything.
+
+use std::path::PathBuf;
+
+use walbridge_daemon::pg::Database;
+use walbridge_daemon::settings::{Setting, SettingError, Settings};
+use walbridge_daemon::telemetry::{LOG_FORMAT, LOG_SETTINGS, LogFormat};
+use walbridge_daemon::tls::{Identity, TLS_SETTINGS};
+
+pub const NAME: &str = "name";
+pub const DATA_DIR: &str = "data_dir";
+pub const SOURCE_URL: &str = "source.url";
+pub const CONTROLLER_ENDPOINT: &str = "controller.endpoint";
+
+/// Every setting the agent reads.
+pub fn settings() -> Vec<Setting> {
+    let mut all = vec![
+        Setting {
+            key: NAME,
+            help: "this agent's name; must be the name in tls.cert, which is the identity the controller sees (default: that name)",
+            value_name: "NAME",
+            default: None,
+        },
+        Setting {
+            key: DATA_DIR,
+            help: "folder for the agent's journal (what it created on the source, any fence it holds)",
+            value_name: "PATH",
+            default: Some("/var/lib/walbridge/agent"),
+        },
+        Setting {
+            key: SOURCE_URL,
+            help: "libpq URL of the source database, e.g. postgres://walbridge:PASSWORD@127.0.0.1:5432/app",
+            value_name: "URL",
+            default: None,
+        },
+        Setting {
+            key: CONTROLLER_ENDPOINT,
+            help: "the controller's agent port, HOST:PORT; HOST must be a name in the controller's certificate",
+            value_name: "HOST:PORT",
+            default: None,
+        },
+    ];
+    all.extend(TLS_SETTINGS);
+    all.extend(LOG_SETTINGS);
+    all
+}
+
+/// Where the controller is and the name its certificate must carry.
+#[derive(Debug, Clone)]
+pub struct ControllerEndpoint {
+    /// What to dial, as given: `host:port`.
+    pub address: String,
+    /// The host part, checked against the controller's certificate.
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl ControllerEndpoint {
+    pub fn parse(raw: &str) -> Result<ControllerEndpoint, SettingError> {
+        let problem = |p: String| SettingError::new(CONTROLLER_ENDPOINT, p);
+        let (host, port) = raw
+            .rsplit_once(':')
+            .ok_or_else(|| problem(format!("{raw:?} is not HOST:PORT")))?;
+        port.parse::<u16>()
+            .map_err(|_| problem(format!("{port:?} in {raw:?} is not a port number")))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|_| problem(format!("{host:?} is neither a host name nor an IP address")))?;
+        Ok(ControllerEndpoint {
+            address: raw.to_owned(),
+            server_name,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The name in this agent's certificate.
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub source: Database,
+    pub controller: ControllerEndpoint,
+    pub identity: Identity,
+    pub log_format: LogFormat,
+}
+
+impl AgentConfig {
+    pub fn from_settings(settings: &Settings) -> Result<AgentConfig, SettingError> {
+        let log_format = settings.parse::<LogFormat>(LOG_FORMAT)?.unwrap_or(LogFormat::Human);
+        let source = Database::parse(SOURCE_URL, settings.required(SOURCE_URL)?)?;
+        let controller = ControllerEndpoint::parse(settings.required(CONTROLLER_ENDPOINT)?)?;
+        let identity = Identity::from_settings(settings)?;
+        let name = match settings.get(NAME) {
+            Some(name) if name != identity.name() => {
+                return Err(SettingError::new(
+                    NAME,
+                    format!(
+                        "is {name:?}, but tls.cert is issued to {:?}: an agent's identity is the name in its certificate",
+                        identity.name()
+                    ),
+                ));
+            }
+            _ => identity.name().to_owned(),
+        };
+        let data_dir = settings.required_path(DATA_DIR)?;
+        Ok(AgentConfig {
+            name,
+            data_dir,
+            source,
+            controller,
+            identity,
+            log_format,
+        })
+    }
+}

@@ -1,0 +1,63 @@
+//! What the agent can see of the source database, asked fresh each time:
+//! a probe opens its own short session, so an idle agent holds no backend.
+
+use walbridge_daemon::pg::Database;
+
+pub const APPLICATION_NAME: &str = "walbridge-agent";
+
+/// The source as the agent sees it right now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceStatus {
+    /// Why the source could not be reached (`None` when it could).
+    pub unreachable: Option<String>,
+    pub server_version: String,
+    pub server_version_num: u32,
+    pub system_identifier: u64,
+    pub database: String,
+}
+
+/// Connects to the source and reads who it is. Never fails: an unreachable
+/// source is a status, not an error.
+pub async fn probe(source: &Database) -> SourceStatus {
+    match try_probe(source).await {
+        Ok(status) => status,
+        Err(e) => SourceStatus {
+            unreachable: Some(describe(&e)),
+            database: source.database_name().to_owned(),
+            ..SourceStatus::default()
+        },
+    }
+}
+
+async fn try_probe(source: &Database) -> Result<SourceStatus, tokio_postgres::Error> {
+    let client = source.connect(APPLICATION_NAME).await?;
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version'), \
+                    current_setting('server_version_num')::int4, \
+                    (SELECT system_identifier FROM pg_control_system()), \
+                    current_database()::text",
+            &[],
+        )
+        .await?;
+    Ok(SourceStatus {
+        unreachable: None,
+        server_version: row.get(0),
+        server_version_num: row.get::<_, i32>(1).try_into().unwrap_or_default(),
+        system_identifier: row.get::<_, i64>(2) as u64,
+        database: row.get(3),
+    })
+}
+
+/// tokio-postgres's top-level message for a failed connect is only
+/// "error connecting to server"; the cause says what happened.
+fn describe(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}

@@ -1,0 +1,115 @@
+//! `walbridge`, the operator's command line. It drives the controller over
+//! its API; `certs` needs no controller.
+
+mod agents;
+mod certs;
+mod client;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use walbridge_daemon::settings::{ProcessEnvironment, Settings, add_to_command};
+
+use crate::client::ApiAddress;
+use crate::output::Failure;
+
+/// walbridge moves a live PostgreSQL database to another server over logical replication.
+///
+/// This CLI talks to the walbridge controller's API (--api). Every setting can
+/// come from a flag, a WALBRIDGE_* environment variable or the TOML file named
+/// by --config, in that order. Exit status: 0 success, 1 the operation failed,
+/// 2 bad usage or configuration.
+#[derive(Debug, Parser)]
+#[command(name = "walbridge", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the agents connected to the controller and what each sees of its source.
+    Agents {
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the certificates of an install (no controller needed).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Write a CA, the controller's certificate, one per agent and the operator's.
+    ///
+    /// Existing files are never overwritten: run it again with another --agent
+    /// to add that agent, signed by the existing CA. Private keys are written
+    /// with mode 0600.
+    Init {
+        /// Folder to write ca.pem, controller.pem, <agent>.pem, operator.pem and their -key.pem files to.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Host names or IP addresses the agents and the CLI use to reach the controller (comma-separated or repeated).
+        #[arg(
+            long = "controller-host",
+            value_name = "HOST",
+            value_delimiter = ',',
+            required = true
+        )]
+        controller_hosts: Vec<String>,
+        /// An agent's name (lowercase letters, digits, '-'); repeat for several agents.
+        #[arg(long = "agent", value_name = "NAME")]
+        agents: Vec<String>,
+        /// Print one JSON document listing the files.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let command = add_to_command(Cli::command(), &client::settings());
+    let matches = command.get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let result = match cli.command {
+        Command::Certs {
+            command:
+                CertsCommand::Init {
+                    dir,
+                    controller_hosts,
+                    agents,
+                    json,
+                },
+        } => certs::init(&dir, &controller_hosts, &agents, json),
+        Command::Agents { json } => {
+            with_controller(&matches, |address| async move { agents::run(&address, json).await })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
+}
+
+/// Resolves the API address and runs an async command against it.
+fn with_controller<F, Fut>(matches: &clap::ArgMatches, command: F) -> Result<(), Failure>
+where
+    F: FnOnce(ApiAddress) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Failure>>,
+{
+    let address = Settings::resolve(matches, &client::settings(), &ProcessEnvironment)
+        .and_then(|settings| ApiAddress::from_settings(&settings))
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Operation(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(command(address))
+}

@@ -1,0 +1,129 @@
+//! The controller's API for the CLI: on a unix socket (its file mode is the
+//! access control) or on TCP with mutual TLS, where only the operator's
+//! certificate is let in.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
+use tonic::{Request, Response, Status};
+use walbridge_daemon::connection::{self, Watched};
+use walbridge_daemon::pki::OPERATOR_NAME;
+use walbridge_daemon::tls::{describe_handshake_error, peer_name};
+use walbridge_proto::v1 as wire;
+use walbridge_proto::v1::controller_api_server::{ControllerApi, ControllerApiServer};
+
+use crate::link::{hello, unix_ms};
+use crate::registry::Registry;
+
+/// Handshakes waiting for the API server to take them.
+const PENDING_API_CONNECTIONS: usize = 16;
+const API_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct Api {
+    registry: Arc<Registry>,
+}
+
+impl Api {
+    pub fn new(registry: Arc<Registry>) -> Api {
+        Api { registry }
+    }
+}
+
+#[tonic::async_trait]
+impl ControllerApi for Api {
+    async fn list_agents(
+        &self,
+        _request: Request<wire::ListAgentsRequest>,
+    ) -> Result<Response<wire::ListAgentsResponse>, Status> {
+        let agents = self.registry.list();
+        let hellos = join_all(agents.iter().map(|agent| hello(&agent.client))).await;
+        let agents = agents
+            .into_iter()
+            .zip(hellos)
+            .map(|(agent, hello)| {
+                let (hello, hello_error) = match hello {
+                    Ok(hello) => (Some(hello), String::new()),
+                    Err(e) => (None, e),
+                };
+                wire::ConnectedAgent {
+                    name: agent.name,
+                    peer_address: agent.peer.to_string(),
+                    connected_at_unix_ms: unix_ms(agent.connected_at),
+                    hello,
+                    hello_error,
+                }
+            })
+            .collect();
+        Ok(Response::new(wire::ListAgentsResponse { agents }))
+    }
+}
+
+/// Serves the API on a unix socket until `shutdown`.
+pub async fn serve_unix(
+    api: Api,
+    listener: UnixListener,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    Server::builder()
+        .add_service(ControllerApiServer::new(api))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.cancelled_owned())
+        .await
+}
+
+/// Serves the API on TCP with mutual TLS until `shutdown`. Handshakes run
+/// concurrently, so one slow client does not hold up the others.
+pub async fn serve_tcp(
+    api: Api,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let (ready, incoming) = tokio::sync::mpsc::channel::<Result<Watched<_>, std::io::Error>>(PENDING_API_CONNECTIONS);
+    let accept_shutdown = shutdown.clone();
+    let accept_tasks = tasks.clone();
+    tasks.spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot accept an API connection");
+                        continue;
+                    }
+                },
+                _ = accept_shutdown.cancelled() => return,
+            };
+            let acceptor = acceptor.clone();
+            let ready = ready.clone();
+            accept_tasks.spawn(async move {
+                let tls = match tokio::time::timeout(API_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, "refused an API connection: {}", describe_handshake_error(&e));
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                if peer_name(tls.get_ref().1).as_deref() != Some(OPERATOR_NAME) {
+                    tracing::warn!(%peer, "refused an API connection: only the operator's certificate may use the API");
+                    return;
+                }
+                let (stream, _end) = connection::watch(tls, peer);
+                let _ = ready.send(Ok(stream)).await;
+            });
+        }
+    });
+    Server::builder()
+        .add_service(ControllerApiServer::new(api))
+        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown.cancelled_owned())
+        .await
+}

@@ -1,0 +1,166 @@
+//! walbridge's controller: it runs near the target database, accepts the
+//! agents' mutual-TLS links (and then calls them over those links), keeps
+//! the migration's journal, and serves the CLI's API.
+//!
+//! * [`config`]: the controller's settings.
+//! * [`link`]: accepting agents; the gRPC client over each agent's link.
+//! * [`registry`]: the agents connected now.
+//! * [`api`]: the CLI's API.
+//!
+//! **Architecture invariant**: only the controller connects to the target;
+//! it never connects to the source (the agent does).
+
+pub mod api;
+pub mod config;
+pub mod link;
+pub mod registry;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use walbridge_daemon::journal::Journal;
+use walbridge_daemon::settings::SettingError;
+
+pub use config::ControllerConfig;
+use config::{ApiAddress, DATA_DIR, LISTEN_AGENTS, LISTEN_API};
+
+/// How long shutdown waits for tasks that own state to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The controller with its ports bound and its journal open: everything
+/// that can be wrong with its settings has been found by now.
+#[derive(Debug)]
+pub struct BoundController {
+    config: ControllerConfig,
+    journal: Journal,
+    agents: std::net::TcpListener,
+    api: ApiListener,
+}
+
+#[derive(Debug)]
+enum ApiListener {
+    Unix(std::os::unix::net::UnixListener),
+    Tcp(std::net::TcpListener),
+}
+
+impl BoundController {
+    /// Opens the journal and binds every port, naming the setting at fault.
+    pub fn bind(config: ControllerConfig) -> Result<BoundController, SettingError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| SettingError::new(DATA_DIR, format!("cannot create {}: {e}", config.data_dir.display())))?;
+        let journal =
+            Journal::open(&config.data_dir.join("journal")).map_err(|e| SettingError::new(DATA_DIR, e.to_string()))?;
+        let agents = bind_tcp(LISTEN_AGENTS, config.listen_agents)?;
+        let api = match &config.listen_api {
+            ApiAddress::Tcp(address) => ApiListener::Tcp(bind_tcp(LISTEN_API, *address)?),
+            ApiAddress::Unix(path) => ApiListener::Unix(bind_unix(path)?),
+        };
+        Ok(BoundController {
+            config,
+            journal,
+            agents,
+            api,
+        })
+    }
+
+    pub fn log_format(&self) -> walbridge_daemon::telemetry::LogFormat {
+        self.config.log_format
+    }
+
+    /// The address agents dial (useful when the port was 0).
+    pub fn agents_address(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.agents.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), String> {
+        let BoundController {
+            config,
+            journal,
+            agents,
+            api,
+        } = self;
+        let known = Arc::new(
+            journal
+                .table::<link::KnownAgent>(link::KNOWN_AGENTS_TABLE)
+                .map_err(|e| e.to_string())?,
+        );
+        let registry = Arc::new(registry::Registry::default());
+        let acceptor = TlsAcceptor::from(config.identity.server_config());
+        let tasks = TaskTracker::new();
+
+        let agents = into_tokio_tcp(agents)?;
+        tracing::info!(
+            agents = %config.listen_agents,
+            api = ?config.listen_api,
+            journal = %journal.path().display(),
+            "walbridge-controller serving"
+        );
+        tasks.spawn(link::accept_agents(
+            agents,
+            acceptor.clone(),
+            registry.clone(),
+            known,
+            tasks.clone(),
+            shutdown.clone(),
+        ));
+        let api_service = api::Api::new(registry);
+        let served = match api {
+            ApiListener::Unix(listener) => {
+                listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+                let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
+                api::serve_unix(api_service, listener, shutdown.clone()).await
+            }
+            ApiListener::Tcp(listener) => {
+                let listener = into_tokio_tcp(listener)?;
+                api::serve_tcp(api_service, listener, acceptor, tasks.clone(), shutdown.clone()).await
+            }
+        };
+        shutdown.cancel();
+        tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+            tracing::warn!(
+                still_running = tasks.len(),
+                "tasks did not finish within the shutdown grace period"
+            );
+        }
+        if let ApiAddress::Unix(path) = &config.listen_api {
+            let _ = std::fs::remove_file(path);
+        }
+        served.map_err(|e| format!("the API server failed: {e}"))
+    }
+}
+
+fn bind_tcp(key: &str, address: std::net::SocketAddr) -> Result<std::net::TcpListener, SettingError> {
+    std::net::TcpListener::bind(address).map_err(|e| SettingError::new(key, format!("cannot listen on {address}: {e}")))
+}
+
+fn into_tokio_tcp(listener: std::net::TcpListener) -> Result<tokio::net::TcpListener, String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())
+}
+
+/// Binds the API socket. A socket file left by a controller that died is
+/// replaced; one that a running controller answers on is not.
+fn bind_unix(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener, SettingError> {
+    let problem = |p: String| SettingError::new(LISTEN_API, p);
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(problem(format!(
+                "{} is in use: another controller is running with it",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| problem(format!("cannot remove the stale socket {}: {e}", path.display())))?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| problem(format!("cannot listen on {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| problem(format!("cannot restrict {} to its owner: {e}", path.display())))?;
+    Ok(listener)
+}

@@ -1,0 +1,102 @@
+//! Connections to PostgreSQL, made one way for source and target alike:
+//! every session says who it is (`application_name`), gives up connecting
+//! after a bound, and runs in UTC. Connection strings are shown only with
+//! their password removed.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio_postgres::config::Host;
+use tokio_postgres::{Client, Config, NoTls};
+
+use crate::settings::SettingError;
+
+/// How long a connection attempt may take before it is reported as failed.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A database to connect to, parsed from a libpq URL or key=value string.
+#[derive(Clone)]
+pub struct Database {
+    config: Config,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Database {
+    /// Parses the setting `key`. The error never repeats the value, which
+    /// may hold a password.
+    pub fn parse(key: &str, raw: &str) -> Result<Database, SettingError> {
+        let config = Config::from_str(raw)
+            .map_err(|e| SettingError::new(key, format!("not a valid PostgreSQL connection URL: {e}")))?;
+        if config.get_hosts().is_empty() {
+            return Err(SettingError::new(key, "names no host"));
+        }
+        if config.get_user().is_none() {
+            return Err(SettingError::new(key, "names no user"));
+        }
+        Ok(Database { config })
+    }
+
+    /// `postgres://user@host:port/dbname`, without the password.
+    pub fn redacted(&self) -> String {
+        let host = match self.config.get_hosts().first() {
+            Some(Host::Tcp(name)) => name.clone(),
+            Some(Host::Unix(path)) => path.display().to_string(),
+            None => String::new(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        format!(
+            "postgres://{}@{}:{}/{}",
+            self.config.get_user().unwrap_or_default(),
+            host,
+            port,
+            self.database_name()
+        )
+    }
+
+    /// The database name (libpq's default: the user name).
+    pub fn database_name(&self) -> &str {
+        self.config
+            .get_dbname()
+            .or_else(|| self.config.get_user())
+            .unwrap_or_default()
+    }
+
+    /// Opens a session named `application_name`. The connection's task ends
+    /// when the returned client is dropped.
+    pub async fn connect(&self, application_name: &str) -> Result<Client, tokio_postgres::Error> {
+        let mut config = self.config.clone();
+        config.application_name(application_name);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let (client, connection) = config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "database connection ended");
+            }
+        });
+        client.batch_execute("SET TIME ZONE 'UTC'").await?;
+        Ok(client)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_the_password_and_names_the_setting() {
+        let db = Database::parse("source.url", "postgres://app:s3cret@db.example:5433/shop").unwrap();
+        assert_eq!(db.redacted(), "postgres://app@db.example:5433/shop");
+        assert!(!format!("{db:?}").contains("s3cret"));
+
+        let err = Database::parse("source.url", "postgres://app:s3cret@db.example:notaport/shop").unwrap_err();
+        assert_eq!(err.key, "source.url");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+}
