@@ -27,8 +27,9 @@ use crate::registry::{AgentClient, ConnectedAgent, Registry};
 
 /// A handshake or first Hello slower than this fails the connection.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A Hello slower than this is reported as unanswered.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+/// A Hello slower than this is reported as unanswered (a source that does
+/// not answer is bounded by the agent's own connect timeout, 10 s).
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(12);
 
 /// What the journal remembers of each agent that ever connected.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -202,7 +202,7 @@ pub fn describe_handshake_error(error: &std::io::Error) -> String {
     let text = error.to_string();
     if text.contains("UnknownIssuer") || text.contains("BadSignature") {
         format!("{text} (the peer's certificate is not signed by this side's tls.ca_cert)")
-    } else if text.contains("NotValidForName") {
+    } else if text.contains("NotValidForName") || text.contains("not valid for name") {
         format!("{text} (the peer's certificate does not carry the host name this side dialed)")
     } else if text.contains("Expired") || text.contains("NotValidYet") {
         format!("{text} (the peer's certificate is outside its validity period)")

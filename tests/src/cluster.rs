@@ -1,0 +1,577 @@
+//! Throwaway PostgreSQL clusters for tests: `initdb` into a temp folder,
+//! started on a free port on 127.0.0.1 with password (SCRAM) authentication,
+//! stopped when dropped. A cluster dropped while its test panics keeps its
+//! folder and prints its log.
+//!
+//! Any major version's bin folder works (10 onwards): the cluster is
+//! configured only through postgresql.conf and flags every version has.
+//! PostgreSQL refuses to run as root, so as root the server runs as the
+//! `postgres` system user (or `nobody`).
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use tempfile::TempDir;
+
+/// A PostgreSQL installation: its bin folder.
+#[derive(Debug, Clone)]
+pub struct PgInstall {
+    bin_dir: PathBuf,
+}
+
+impl PgInstall {
+    /// `WALBRIDGE_PG_BIN`, else `pg_config --bindir`, else the folder of
+    /// `postgres` on `PATH`.
+    pub fn discover() -> PgInstall {
+        if let Some(dir) = std::env::var_os("WALBRIDGE_PG_BIN") {
+            return PgInstall::at(dir);
+        }
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+            && out.status.success()
+        {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if dir.join("initdb").exists() {
+                return PgInstall::at(dir);
+            }
+        }
+        if let Some(path) = std::env::var_os("PATH") {
+            for dir in std::env::split_paths(&path) {
+                if dir.join("postgres").exists() && dir.join("initdb").exists() {
+                    return PgInstall::at(dir);
+                }
+            }
+        }
+        panic!(
+            "no PostgreSQL server binaries found: install PostgreSQL, or set WALBRIDGE_PG_BIN to a bin folder holding initdb, pg_ctl and postgres"
+        );
+    }
+
+    /// The installation whose binaries are in `bin_dir`.
+    pub fn at(bin_dir: impl Into<PathBuf>) -> PgInstall {
+        PgInstall {
+            bin_dir: bin_dir.into(),
+        }
+    }
+
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    pub fn bin(&self, program: &str) -> PathBuf {
+        self.bin_dir.join(program)
+    }
+
+    /// The major version, from `postgres --version` ("10.23" is 10, "15.18" is 15).
+    pub fn major_version(&self) -> u32 {
+        let out = self
+            .command("postgres")
+            .arg("--version")
+            .output()
+            .expect("postgres --version runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let version = text
+            .split_whitespace()
+            .find(|word| word.starts_with(|c: char| c.is_ascii_digit()))
+            .unwrap_or_else(|| panic!("cannot read a version from {text:?}"));
+        version
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|major| major.parse().ok())
+            .unwrap_or_else(|| panic!("cannot read a major version from {version:?}"))
+    }
+
+    /// A command for one of this installation's programs, with its own
+    /// libraries found first (packaged installs keep them in `../lib`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(self.bin(program));
+        let lib = self.bin_dir.join("..").join("lib");
+        if lib.is_dir() {
+            let mut paths = vec![lib];
+            if let Some(existing) = std::env::var_os("LD_LIBRARY_PATH") {
+                paths.extend(std::env::split_paths(&existing));
+            }
+            if let Ok(joined) = std::env::join_paths(paths) {
+                command.env("LD_LIBRARY_PATH", joined);
+            }
+        }
+        command
+    }
+
+    /// psql from this installation if it has one (some packaged builds ship
+    /// only the server), else from `PATH`.
+    fn psql(&self) -> Command {
+        if self.bin("psql").exists() {
+            self.command("psql")
+        } else {
+            Command::new("psql")
+        }
+    }
+}
+
+fn default_install() -> &'static PgInstall {
+    static INSTALL: OnceLock<PgInstall> = OnceLock::new();
+    INSTALL.get_or_init(PgInstall::discover)
+}
+
+/// The unprivileged user the server runs as when the tests run as root.
+#[derive(Debug, Clone, Copy)]
+struct ServerUser {
+    uid: u32,
+    gid: u32,
+}
+
+fn server_user() -> Option<ServerUser> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let user = ["postgres", "nobody"]
+        .iter()
+        .find_map(|name| nix::unistd::User::from_name(name).ok().flatten())
+        .expect("running as root needs a 'postgres' or 'nobody' user to run PostgreSQL as");
+    Some(ServerUser {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    })
+}
+
+/// How to make a cluster.
+#[derive(Debug)]
+pub struct ClusterBuilder {
+    name: String,
+    install: Option<PgInstall>,
+    settings: Vec<(String, String)>,
+}
+
+impl ClusterBuilder {
+    pub fn install(mut self, install: &PgInstall) -> Self {
+        self.install = Some(install.clone());
+        self
+    }
+
+    /// Settings a logical-replication source needs.
+    pub fn logical(self) -> Self {
+        self.setting("wal_level", "logical")
+            .setting("max_replication_slots", "10")
+            .setting("max_wal_senders", "10")
+    }
+
+    /// Any postgresql.conf setting; the last one given wins.
+    pub fn setting(mut self, key: &str, value: &str) -> Self {
+        self.settings.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// initdb and start. Panics with the server's log when it cannot.
+    pub fn start(self) -> Cluster {
+        let install = self.install.unwrap_or_else(|| default_install().clone());
+        let user = server_user();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("walbridge-pg-{}-", self.name))
+            .tempdir()
+            .expect("a temp folder");
+        let password = random_password();
+        let data_dir = dir.path().join("data");
+        let socket_dir = dir.path().join("socket");
+        let log_path = dir.path().join("server.log");
+        std::fs::create_dir(&socket_dir).expect("socket folder");
+        let password_file = dir.path().join("pwfile");
+        std::fs::write(&password_file, format!("{password}\n")).expect("password file");
+        if let Some(user) = user {
+            for path in [dir.path(), &socket_dir, &password_file] {
+                nix::unistd::chown(path, Some(user.uid.into()), Some(user.gid.into())).expect("chown");
+            }
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        }
+
+        let mut cluster = Cluster {
+            name: self.name,
+            install,
+            user,
+            dir: Some(dir),
+            data_dir,
+            log_path,
+            port: 0,
+            password,
+        };
+        cluster.run_server_command(
+            "initdb",
+            &[
+                "-D",
+                path_str(&cluster.data_dir),
+                "-U",
+                "postgres",
+                "--pwfile",
+                path_str(&password_file),
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
+        );
+        let _ = std::fs::remove_file(&password_file);
+
+        let mut conf = format!(
+            "\n# walbridge test harness\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             password_encryption = 'scram-sha-256'\nshared_buffers = '32MB'\nmax_connections = 100\n\
+             logging_collector = off\nlog_line_prefix = '%m [%p] %q%a '\n",
+            socket_dir.display()
+        );
+        for (key, value) in &self.settings {
+            conf.push_str(&format!("{key} = '{}'\n", value.replace('\'', "''")));
+        }
+        append(&cluster.data_dir.join("postgresql.conf"), &conf);
+        // A `replication` line does not admit logical replication
+        // connections (they match on the database name): the `all` line does.
+        append(
+            &cluster.data_dir.join("pg_hba.conf"),
+            "\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n",
+        );
+
+        // A port found free may be taken before the server binds it: retry.
+        let mut last_failure = String::new();
+        for _ in 0..5 {
+            cluster.port = free_port();
+            match cluster.pg_ctl_start() {
+                Ok(()) => return cluster,
+                Err(failure) => last_failure = failure,
+            }
+        }
+        panic!("cluster {} did not start: {last_failure}", cluster.name);
+    }
+}
+
+/// A running (or stopped) throwaway cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    name: String,
+    install: PgInstall,
+    user: Option<ServerUser>,
+    dir: Option<TempDir>,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    port: u16,
+    password: String,
+}
+
+impl Cluster {
+    pub fn builder(name: &str) -> ClusterBuilder {
+        ClusterBuilder {
+            name: name.to_owned(),
+            install: None,
+            settings: Vec::new(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn host(&self) -> &str {
+        "127.0.0.1"
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn superuser(&self) -> &str {
+        "postgres"
+    }
+
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    pub fn install(&self) -> &PgInstall {
+        &self.install
+    }
+
+    /// `postgres://postgres:<password>@127.0.0.1:<port>/<database>`
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgres://{}:{}@{}:{}/{database}",
+            self.superuser(),
+            self.password,
+            self.host(),
+            self.port
+        )
+    }
+
+    /// The same URL without the password.
+    pub fn url_without_password(&self, database: &str) -> String {
+        format!(
+            "postgres://{}@{}:{}/{database}",
+            self.superuser(),
+            self.host(),
+            self.port
+        )
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Runs SQL with psql as the superuser over TCP; returns trimmed
+    /// stdout. Panics with psql's error when it fails.
+    pub fn psql(&self, database: &str, sql: &str) -> String {
+        self.try_psql(database, sql)
+            .unwrap_or_else(|e| panic!("psql on cluster {} failed for {sql:?}: {e}", self.name))
+    }
+
+    /// Like [`Cluster::psql`], returning psql's stderr on failure.
+    pub fn try_psql(&self, database: &str, sql: &str) -> Result<String, String> {
+        let out = self
+            .install
+            .psql()
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", self.host()])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                self.superuser(),
+                "-d",
+                database,
+                "-c",
+                sql,
+            ])
+            .env("PGPASSWORD", &self.password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run psql: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        }
+    }
+
+    pub fn create_database(&self, name: &str) {
+        self.psql(
+            "postgres",
+            &format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\"")),
+        );
+    }
+
+    /// Stops the server (fast shutdown); `restart` brings it back on the
+    /// same port with the same data.
+    pub fn stop(&mut self) {
+        let out = self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"]);
+        assert!(
+            out.status.success(),
+            "cluster {}: pg_ctl stop failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn restart(&mut self) {
+        if let Err(failure) = self.pg_ctl_start() {
+            panic!("cluster {} did not start again: {failure}", self.name);
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.pg_ctl(&["status"]).status.success()
+    }
+
+    fn pg_ctl_start(&self) -> Result<(), String> {
+        let options = format!("-p {}", self.port);
+        let out = self.pg_ctl(&[
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            path_str(&self.log_path),
+            "-o",
+            &options,
+        ]);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "pg_ctl start: {}\n--- server log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log_tail(40)
+            ))
+        }
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Output {
+        self.server_command("pg_ctl")
+            .args(["-D", path_str(&self.data_dir)])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("pg_ctl runs")
+    }
+
+    fn run_server_command(&self, program: &str, args: &[&str]) {
+        let out = self
+            .server_command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cluster {}: cannot run {program}: {e}", self.name));
+        assert!(
+            out.status.success(),
+            "cluster {}: {program} failed: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A command run as the server's user, from a folder it may enter.
+    fn server_command(&self, program: &str) -> Command {
+        let mut command = self.install.command(program);
+        command.current_dir(self.dir.as_ref().map_or(Path::new("/"), |d| d.path()));
+        if let Some(user) = self.user {
+            command.uid(user.uid).gid(user.gid).env("HOME", "/tmp");
+        }
+        command
+    }
+
+    /// The last `lines` lines of the server log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = std::fs::File::open(&self.log_path) {
+            let _ = file.read_to_string(&mut text);
+        }
+        let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl(&["stop", "-m", "immediate", "-w", "-t", "30"]);
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            let kept = dir.keep();
+            eprintln!(
+                "---- cluster {} kept at {} (log: {}); last lines of its log:\n{}",
+                self.name,
+                kept.display(),
+                self.log_path.display(),
+                self.log_tail(40)
+            );
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn random_password() -> String {
+    let mut bytes = [0u8; 12];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("/dev/urandom");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn append(path: &Path, text: &str) {
+    let mut file = OpenOptions::new().append(true).open(path).expect("config file opens");
+    file.write_all(text.as_bytes()).expect("config file written");
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_logical_cluster_starts_with_password_authentication() {
+        let cluster = Cluster::builder("unit").logical().setting("work_mem", "7MB").start();
+        assert_eq!(cluster.psql("postgres", "SHOW wal_level"), "logical");
+        assert_eq!(cluster.psql("postgres", "SHOW work_mem"), "7MB");
+        assert_eq!(cluster.psql("postgres", "SELECT 1"), "1");
+        assert!(cluster.install().major_version() >= 10);
+
+        let mut wrong = cluster.install.psql();
+        let out = wrong
+            .args([
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &cluster.port().to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-d", "postgres", "-c", "SELECT 1"])
+            .env("PGPASSWORD", "wrong")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a wrong password must be refused");
+    }
+
+    #[test]
+    fn stop_and_restart_keep_port_and_data() {
+        let mut cluster = Cluster::builder("restart").start();
+        cluster.psql("postgres", "CREATE TABLE kept (x int); INSERT INTO kept VALUES (42)");
+        let port = cluster.port();
+        cluster.stop();
+        assert!(!cluster.is_running());
+        assert!(cluster.try_psql("postgres", "SELECT 1").is_err());
+        cluster.restart();
+        assert_eq!(cluster.port(), port);
+        assert_eq!(cluster.psql("postgres", "SELECT x FROM kept"), "42");
+    }
+
+    #[test]
+    fn two_clusters_get_their_own_ports_and_drop_cleans_up() {
+        let a = Cluster::builder("a").start();
+        let b = Cluster::builder("b").start();
+        assert_ne!(a.port(), b.port());
+        let folder = a.dir.as_ref().unwrap().path().to_owned();
+        let port = a.port();
+        drop(a);
+        assert!(!folder.exists(), "a cluster dropped normally removes its folder");
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "and its server is gone"
+        );
+        assert_eq!(b.psql("postgres", "SELECT 2"), "2");
+    }
+
+    #[test]
+    fn a_cluster_dropped_by_a_failing_test_keeps_its_folder_and_stops() {
+        let cluster = Cluster::builder("failing").start();
+        let folder = cluster.dir.as_ref().unwrap().path().to_owned();
+        let port = cluster.port();
+        let failed = std::thread::spawn(move || {
+            let _cluster = cluster;
+            panic!("a test fails while holding a cluster");
+        })
+        .join();
+        assert!(failed.is_err());
+        assert!(folder.join("server.log").exists(), "the log is kept");
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "the server is stopped"
+        );
+        std::fs::remove_dir_all(&folder).unwrap();
+    }
+}

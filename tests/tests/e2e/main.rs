@@ -1,0 +1,7 @@
+//! End-to-end tests: walbridge's programs as separate OS processes against
+//! real PostgreSQL clusters started by the harness. One binary for all of
+//! them (one link step, one build of the binaries).
+
+mod link;
+mod settings;
+mod support;
