@@ -11,6 +11,8 @@
 
 pub mod config;
 pub mod link;
+pub mod preflight;
+pub mod replication;
 pub mod service;
 pub mod source;
 

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod config;
 pub mod link;
+pub mod preflight;
 pub mod registry;
 
 use std::os::unix::fs::PermissionsExt;
