@@ -2,12 +2,16 @@
 //!
 //! * [`ident`]: schema-qualified names, quoted in one place only.
 //! * [`lsn`]: WAL positions.
+//! * [`copy`]: the SQL of the copy and of its checksum, for both sides.
 //! * [`finding`]: what preflight reports.
 //! * [`script`]: pg_dump's SQL script split into statements.
+//! * [`selection`]: which tables `--tables` / `--exclude` keep.
 //!
 //! **Architecture invariant**: no I/O here; pure types and functions.
 
+pub mod copy;
 pub mod finding;
 pub mod ident;
 pub mod lsn;
 pub mod script;
+pub mod selection;

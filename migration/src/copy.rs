@@ -1,0 +1,125 @@
+//! The SQL of the copy and of its verification, written once for both
+//! sides: the agent reads the source with it, the controller writes and
+//! checks the target with it, so both sides compute the same thing.
+
+use crate::ident::{QualifiedName, quote_ident};
+
+/// Session settings under which both sides render rows as text: COPY's
+/// text format and the checksum's row text must not depend on either
+/// server's defaults.
+pub const SESSION_SETTINGS: &str = "SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; \
+     SET extra_float_digits = 3; SET bytea_output = 'hex'; SET TimeZone = 'UTC'; \
+     SET client_encoding = 'UTF8'; SET standard_conforming_strings = on";
+
+/// A ctid range of a table: pages `[first_page, end_page)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PageRange {
+    pub first_page: u64,
+    pub end_page: u64,
+}
+
+fn column_list(columns: &[String]) -> String {
+    columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")
+}
+
+/// `COPY ... TO STDOUT` for the source: the table's own rows (a partition's
+/// or an inheritance parent's, never its children's), the given columns.
+pub fn copy_out(table: &QualifiedName, columns: &[String], range: Option<PageRange>) -> String {
+    match range {
+        None => format!("COPY {} ({}) TO STDOUT", table.quoted(), column_list(columns)),
+        Some(range) => format!(
+            "COPY (SELECT {} FROM ONLY {} WHERE ctid >= '({},0)'::tid AND ctid < '({},0)'::tid) TO STDOUT",
+            column_list(columns),
+            table.quoted(),
+            range.first_page,
+            range.end_page
+        ),
+    }
+}
+
+/// `COPY ... FROM STDIN` for the target.
+pub fn copy_in(table: &QualifiedName, columns: &[String]) -> String {
+    format!("COPY {} ({}) FROM STDIN", table.quoted(), column_list(columns))
+}
+
+/// Row count and an order-independent content checksum: the sum of a
+/// 64-bit hash of each row's text. Returns `(rows bigint, checksum text)`.
+pub fn checksum(table: &QualifiedName, columns: &[String]) -> String {
+    let row = if columns.is_empty() {
+        "''".to_owned()
+    } else {
+        format!("ROW({})::text", column_list(columns))
+    };
+    format!(
+        "SELECT count(*)::int8, coalesce(sum(('x' || substr(md5({row}), 1, 16))::bit(64)::int8::numeric), 0)::text \
+         FROM ONLY {}",
+        table.quoted()
+    )
+}
+
+/// Splits a table of `pages` pages into ranges of at most `pages_per_range`
+/// (the last range is open-ended, so rows on pages added since the plan
+/// are not missed).
+pub fn page_ranges(pages: u64, pages_per_range: u64) -> Vec<PageRange> {
+    if pages_per_range == 0 || pages <= pages_per_range {
+        return vec![PageRange {
+            first_page: 0,
+            end_page: u64::from(u32::MAX),
+        }];
+    }
+    let mut ranges = Vec::new();
+    let mut first = 0;
+    while first < pages {
+        let end = first + pages_per_range;
+        ranges.push(PageRange {
+            first_page: first,
+            end_page: if end >= pages { u64::from(u32::MAX) } else { end },
+        });
+        first = end;
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sql_quotes_every_name() {
+        let t = QualifiedName::new("Sales", "order");
+        let cols = vec!["id".to_owned(), "Total Amount".to_owned()];
+        assert_eq!(
+            copy_out(&t, &cols, None),
+            "COPY \"Sales\".\"order\" (id, \"Total Amount\") TO STDOUT"
+        );
+        assert_eq!(
+            copy_in(&t, &cols),
+            "COPY \"Sales\".\"order\" (id, \"Total Amount\") FROM STDIN"
+        );
+        assert!(checksum(&t, &cols).contains("ROW(id, \"Total Amount\")::text"));
+        assert!(checksum(&t, &cols).ends_with("FROM ONLY \"Sales\".\"order\""));
+    }
+
+    #[test]
+    fn ranges_cover_every_page_and_leave_the_end_open() {
+        assert_eq!(page_ranges(10, 100).len(), 1);
+        let ranges = page_ranges(250, 100);
+        assert_eq!(ranges.len(), 3);
+        assert_eq!(
+            ranges[0],
+            PageRange {
+                first_page: 0,
+                end_page: 100
+            }
+        );
+        assert_eq!(
+            ranges[1],
+            PageRange {
+                first_page: 100,
+                end_page: 200
+            }
+        );
+        assert_eq!(ranges[2].first_page, 200);
+        assert_eq!(ranges[2].end_page, u64::from(u32::MAX));
+    }
+}
