@@ -11,6 +11,7 @@ pub const NAME: &str = "name";
 pub const DATA_DIR: &str = "data_dir";
 pub const SOURCE_URL: &str = "source.url";
 pub const CONTROLLER_ENDPOINT: &str = "controller.endpoint";
+pub const SOURCE_PG_DUMP: &str = "source.pg_dump";
 
 /// Every setting the agent reads.
 pub fn settings() -> Vec<Setting> {
@@ -32,6 +33,12 @@ pub fn settings() -> Vec<Setting> {
             help: "libpq URL of the source database, e.g. postgres://walbridge:PASSWORD@127.0.0.1:5432/app",
             value_name: "URL",
             default: None,
+        },
+        Setting {
+            key: SOURCE_PG_DUMP,
+            help: "the pg_dump that dumps the source's schema; it must not be older than the source server",
+            value_name: "PATH",
+            default: Some("pg_dump"),
         },
         Setting {
             key: CONTROLLER_ENDPOINT,
@@ -78,6 +85,7 @@ pub struct AgentConfig {
     pub name: String,
     pub data_dir: PathBuf,
     pub source: Database,
+    pub pg_dump: String,
     pub controller: ControllerEndpoint,
     pub identity: Identity,
     pub log_format: LogFormat,
@@ -102,10 +110,12 @@ impl AgentConfig {
             _ => identity.name().to_owned(),
         };
         let data_dir = settings.required_path(DATA_DIR)?;
+        let pg_dump = settings.required(SOURCE_PG_DUMP)?.to_owned();
         Ok(AgentConfig {
             name,
             data_dir,
             source,
+            pg_dump,
             controller,
             identity,
             log_format,

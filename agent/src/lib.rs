@@ -6,14 +6,22 @@
 //! * [`link`]: dialing, authenticating, serving, redialing.
 //! * [`service`]: the gRPC service the controller calls.
 //! * [`source`]: what the agent sees of the source database.
+//! * [`catalog`]: the source's tables and columns.
+//! * [`snapshot`]: the slot's exported snapshots, held while the copy runs.
+//! * [`copy`]: schema and table streams, checksums.
+//! * [`preflight`]: the source-side checks.
+//! * [`replication`]: the replication-protocol connection.
 //!
 //! **Architecture invariant**: only the agent connects to the source.
 
+pub mod catalog;
 pub mod config;
+pub mod copy;
 pub mod link;
 pub mod preflight;
 pub mod replication;
 pub mod service;
+pub mod snapshot;
 pub mod source;
 
 use std::sync::Arc;
@@ -33,6 +41,17 @@ pub async fn run(config: AgentConfig, journal: Journal, shutdown: CancellationTo
         journal = %journal.path().display(),
         "walbridge-agent starting"
     );
-    link::run(config, shutdown).await;
+    let tasks = tokio_util::task::TaskTracker::new();
+    let state = Arc::new(service::AgentState {
+        name: config.name.clone(),
+        source: config.source.clone(),
+        pg_dump: config.pg_dump.clone(),
+        snapshots: Arc::new(snapshot::Snapshots::default()),
+        tasks: tasks.clone(),
+    });
+    link::run(config, state, shutdown).await;
+    // Streams end with their connection; give them a moment to notice.
+    tasks.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tasks.wait()).await;
     tracing::info!("walbridge-agent stopped");
 }

@@ -18,7 +18,7 @@ use walbridge_daemon::tls::describe_handshake_error;
 use walbridge_proto::v1::agent_service_server::AgentServiceServer;
 
 use crate::config::AgentConfig;
-use crate::service::Agent;
+use crate::service::{Agent, AgentState};
 
 /// The first redial comes this soon after a link ends...
 const FIRST_RETRY: Duration = Duration::from_millis(200);
@@ -53,12 +53,12 @@ enum SessionEnd {
 }
 
 /// Keeps the link up until `shutdown` is cancelled.
-pub async fn run(config: Arc<AgentConfig>, shutdown: CancellationToken) {
+pub async fn run(config: Arc<AgentConfig>, state: Arc<AgentState>, shutdown: CancellationToken) {
     let connector = TlsConnector::from(config.identity.client_config());
     let address = &config.controller.address;
     let mut delays = backoff();
     loop {
-        let end = session(&config, &connector, &shutdown).await;
+        let end = session(&config, &state, &connector, &shutdown).await;
         let delay = match &end {
             SessionEnd::Lost { .. } => {
                 // It worked for a while: start the backoff afresh.
@@ -100,7 +100,12 @@ pub async fn run(config: Arc<AgentConfig>, shutdown: CancellationToken) {
     }
 }
 
-async fn session(config: &AgentConfig, connector: &TlsConnector, shutdown: &CancellationToken) -> SessionEnd {
+async fn session(
+    config: &AgentConfig,
+    state: &Arc<AgentState>,
+    connector: &TlsConnector,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
     let address = &config.controller.address;
     let dial = async {
         let tcp = TcpStream::connect(address)
@@ -127,7 +132,7 @@ async fn session(config: &AgentConfig, connector: &TlsConnector, shutdown: &Canc
     let started = Instant::now();
     let (stream, mut end) = connection::watch(tls, peer);
     let first_error = end.first_error_handle();
-    let agent = Agent::new(config.name.clone(), config.source.clone());
+    let agent = Agent::new(state.clone());
     // tonic serves what the stream yields; the pending tail keeps it from
     // treating the end of the stream as a shutdown.
     let incoming = futures_util::stream::once(async move { Ok::<_, std::io::Error>(stream) })

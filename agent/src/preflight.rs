@@ -1,1 +1,504 @@
-//! placeholder: see the helper task
+//! Source-side preflight: everything on the source that would make a
+//! migration fail, lose rows silently, or hurt the source, found before
+//! anything is created. Each finding names the object (quoted as
+//! PostgreSQL would), says why it matters and gives the fix.
+//!
+//! Catalog queries work on PostgreSQL 10 and later.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use walbridge_migration::finding::{Extension, Finding, Side, SourceFacts};
+use walbridge_migration::ident::{QualifiedName, quote_ident};
+
+/// What to check.
+#[derive(Debug, Clone)]
+pub struct SourceScope {
+    /// Top-level tables in scope (partitions follow their root); `None`:
+    /// every user table.
+    pub tables: Option<Vec<QualifiedName>>,
+    /// The port walbridge connected to; a different `inet_server_port()`
+    /// means something (a pooler) stands between.
+    pub connected_port: Option<u16>,
+    /// Transactions open longer than this are reported.
+    pub long_transaction_after: Duration,
+}
+
+/// Transaction-ID age past which the held snapshot's effect on vacuum
+/// becomes a worry, and past which it becomes dangerous.
+const XID_AGE_WARNING: i64 = 1_200_000_000;
+const XID_AGE_ERROR: i64 = 1_800_000_000;
+/// Below this, a walsender may drop a subscription busy applying a large
+/// transaction.
+const WAL_SENDER_TIMEOUT_MIN_MS: i64 = 10_000;
+
+fn error(check: &str, object: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Finding {
+    Finding::error(Side::Source, check, object, message, fix)
+}
+
+fn warning(check: &str, object: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Finding {
+    Finding::warning(Side::Source, check, object, message, fix)
+}
+
+struct Server {
+    version_num: i32,
+    wal_level: String,
+    free_slots: i32,
+    free_senders: i32,
+    user: String,
+    superuser: bool,
+    replication: bool,
+    bypass_rls: bool,
+    database_size: i64,
+    xid_age: i64,
+    port: Option<i32>,
+    wal_sender_timeout_ms: i64,
+}
+
+struct TableInfo {
+    name: QualifiedName,
+    kind: String,
+    parent: Option<QualifiedName>,
+    unlogged: bool,
+    replica_identity: String,
+    has_primary_key: bool,
+    has_identity_index: bool,
+    row_security: bool,
+    can_select: bool,
+}
+
+pub async fn check_source(
+    client: &Client,
+    scope: &SourceScope,
+) -> Result<(Vec<Finding>, SourceFacts), tokio_postgres::Error> {
+    let server = server(client).await?;
+    let mut findings = server_findings(&server, scope);
+    let tables = in_scope(tables(client).await?, scope);
+
+    for table in &tables {
+        findings.extend(table_findings(table, &server));
+    }
+    findings.extend(other_objects(client).await?);
+    findings.extend(transactions(client, scope.long_transaction_after).await?);
+
+    let extensions = client
+        .query(
+            "SELECT extname::text, extversion FROM pg_extension WHERE extname <> 'plpgsql' ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| Extension {
+            name: row.get(0),
+            version: row.get(1),
+        })
+        .collect();
+    let facts = SourceFacts {
+        server_version_num: server.version_num.max(0) as u32,
+        database_size_bytes: server.database_size.max(0) as u64,
+        extensions,
+        tables: tables
+            .iter()
+            .filter(|t| t.parent.is_none())
+            .map(|t| t.name.clone())
+            .collect(),
+    };
+    Ok((findings, facts))
+}
+
+async fn server(client: &Client) -> Result<Server, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int4, current_setting('wal_level'), \
+                    current_setting('max_replication_slots')::int4 - (SELECT count(*) FROM pg_replication_slots)::int4, \
+                    current_setting('max_wal_senders')::int4 - (SELECT count(*) FROM pg_stat_replication)::int4, \
+                    current_user::text, r.rolsuper, r.rolreplication, r.rolbypassrls, \
+                    pg_database_size(current_database())::int8, \
+                    (SELECT age(datfrozenxid)::int8 FROM pg_database WHERE datname = current_database()), \
+                    inet_server_port(), \
+                    (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_sender_timeout') \
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await?;
+    Ok(Server {
+        version_num: row.get(0),
+        wal_level: row.get(1),
+        free_slots: row.get(2),
+        free_senders: row.get(3),
+        user: row.get(4),
+        superuser: row.get(5),
+        replication: row.get(6),
+        bypass_rls: row.get(7),
+        database_size: row.get(8),
+        xid_age: row.get(9),
+        port: row.get(10),
+        wal_sender_timeout_ms: row.get(11),
+    })
+}
+
+fn server_findings(server: &Server, scope: &SourceScope) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    if server.version_num < 100000 {
+        findings.push(error(
+            "server_version",
+            "",
+            format!(
+                "the source runs PostgreSQL {}, which has no logical replication (10 or later is needed)",
+                server.version_num
+            ),
+            "upgrade the source to PostgreSQL 10 or later first",
+        ));
+    }
+    if server.wal_level != "logical" {
+        findings.push(error(
+            "wal_level",
+            "wal_level",
+            format!(
+                "wal_level is {}: logical decoding needs wal_level = logical",
+                server.wal_level
+            ),
+            "ALTER SYSTEM SET wal_level = logical; -- then restart the source server",
+        ));
+    }
+    if server.free_slots < 1 {
+        findings.push(error(
+            "replication_slots",
+            "max_replication_slots",
+            "every replication slot is in use: walbridge needs one",
+            "ALTER SYSTEM SET max_replication_slots = <more>; -- then restart, or drop an unused slot",
+        ));
+    }
+    if server.free_senders < 1 {
+        findings.push(error(
+            "wal_senders",
+            "max_wal_senders",
+            "every WAL sender is in use: the snapshot and the subscription need one each",
+            "ALTER SYSTEM SET max_wal_senders = <more>; -- then restart the source server",
+        ));
+    }
+    if !server.superuser && !server.replication {
+        findings.push(error(
+            "replication_privilege",
+            quote_ident(&server.user),
+            format!(
+                "role {} may not open replication connections",
+                quote_ident(&server.user)
+            ),
+            format!("ALTER ROLE {} REPLICATION;", quote_ident(&server.user)),
+        ));
+    }
+    findings.extend(xid_age_finding(server.xid_age));
+    if server.wal_sender_timeout_ms > 0 && server.wal_sender_timeout_ms < WAL_SENDER_TIMEOUT_MIN_MS {
+        findings.push(warning(
+            "wal_sender_timeout",
+            "wal_sender_timeout",
+            format!(
+                "wal_sender_timeout is {} ms: a subscriber busy with a large transaction may be cut off and restart",
+                server.wal_sender_timeout_ms
+            ),
+            "ALTER SYSTEM SET wal_sender_timeout = '60s'; SELECT pg_reload_conf();",
+        ));
+    }
+    if let (Some(connected), Some(actual)) = (scope.connected_port, server.port)
+        && i32::from(connected) != actual
+    {
+        findings.push(warning(
+            "pooler",
+            "source.url",
+            format!(
+                "walbridge connected to port {connected} but the server listens on {actual}: a pooler seems to stand \
+                 between, and an exported snapshot exists only on the server session that made it"
+            ),
+            "point source.url at the PostgreSQL server itself, not at a pooler",
+        ));
+    }
+    findings
+}
+
+/// The finding for a database's transaction-ID age, if any.
+pub fn xid_age_finding(age: i64) -> Option<Finding> {
+    let message = format!(
+        "the database's transaction-ID age is {age}: the snapshot held during the copy keeps vacuum from freezing, \
+         and wraparound protection starts at 2 billion"
+    );
+    let fix = "VACUUM (FREEZE) the oldest tables before migrating";
+    if age > XID_AGE_ERROR {
+        Some(error("xid_wraparound", "", message, fix))
+    } else if age > XID_AGE_WARNING {
+        Some(warning("xid_wraparound", "", message, fix))
+    } else {
+        None
+    }
+}
+
+async fn tables(client: &Client) -> Result<Vec<TableInfo>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.relkind::text, pn.nspname::text, p.relname::text, \
+                    c.relpersistence = 'u', c.relreplident::text, \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident), \
+                    c.relrowsecurity, has_table_privilege(c.oid, 'SELECT') \
+             FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             LEFT JOIN pg_inherits i ON i.inhrelid = c.oid AND c.relispartition \
+             LEFT JOIN pg_class p ON p.oid = i.inhparent \
+             LEFT JOIN pg_namespace pn ON pn.oid = p.relnamespace \
+             WHERE c.relkind IN ('r', 'p') \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                               AND d.objid = c.oid AND d.deptype = 'e') \
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| TableInfo {
+            name: QualifiedName::new(row.get::<_, String>(0), row.get::<_, String>(1)),
+            kind: row.get(2),
+            parent: match (row.get::<_, Option<String>>(3), row.get::<_, Option<String>>(4)) {
+                (Some(schema), Some(name)) => Some(QualifiedName::new(schema, name)),
+                _ => None,
+            },
+            unlogged: row.get(5),
+            replica_identity: row.get(6),
+            has_primary_key: row.get(7),
+            has_identity_index: row.get(8),
+            row_security: row.get(9),
+            can_select: row.get(10),
+        })
+        .collect())
+}
+
+/// The tables whose root is in scope.
+fn in_scope(tables: Vec<TableInfo>, scope: &SourceScope) -> Vec<TableInfo> {
+    let Some(wanted) = &scope.tables else {
+        return tables;
+    };
+    let parents: BTreeMap<QualifiedName, QualifiedName> = tables
+        .iter()
+        .filter_map(|t| t.parent.clone().map(|p| (t.name.clone(), p)))
+        .collect();
+    let root = |name: &QualifiedName| {
+        let mut root = name.clone();
+        while let Some(parent) = parents.get(&root) {
+            root = parent.clone();
+        }
+        root
+    };
+    tables.into_iter().filter(|t| wanted.contains(&root(&t.name))).collect()
+}
+
+fn table_findings(table: &TableInfo, server: &Server) -> Vec<Finding> {
+    let name = table.name.to_string();
+    let mut findings = Vec::new();
+    if table.kind == "p" {
+        findings.push(warning(
+            "partitioned_table",
+            &name,
+            "a partitioned table: its partitions are copied one by one and their changes are published as the \
+             partitions' own (publish_via_partition_root off), so the target needs the same partitions",
+            "",
+        ));
+        return findings;
+    }
+    if table.unlogged {
+        findings.push(error(
+            "unlogged_table",
+            &name,
+            "an unlogged table writes no WAL, so it cannot be published and its changes would never reach the target",
+            format!("ALTER TABLE {name} SET LOGGED; -- or leave it out with --exclude"),
+        ));
+    }
+    let no_identity = match table.replica_identity.as_str() {
+        "d" => !table.has_primary_key,
+        "n" => true,
+        "i" => !table.has_identity_index,
+        _ => false,
+    };
+    if no_identity {
+        findings.push(error(
+            "no_replica_identity",
+            &name,
+            "no primary key or replica identity: once the table is published, UPDATE and DELETE on it fail on the source",
+            format!("ALTER TABLE {name} REPLICA IDENTITY FULL; -- or add a primary key"),
+        ));
+    }
+    if table.row_security && !server.superuser && !server.bypass_rls {
+        findings.push(error(
+            "row_level_security",
+            &name,
+            format!(
+                "row-level security applies to role {}: the copy would silently see only the rows its policies allow",
+                quote_ident(&server.user)
+            ),
+            format!("ALTER ROLE {} BYPASSRLS;", quote_ident(&server.user)),
+        ));
+    }
+    if !table.can_select {
+        findings.push(error(
+            "select_privilege",
+            &name,
+            format!("role {} may not read it", quote_ident(&server.user)),
+            format!("GRANT SELECT ON {name} TO {};", quote_ident(&server.user)),
+        ));
+    }
+    findings
+}
+
+async fn other_objects(client: &Client) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let mut findings = Vec::new();
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.relkind::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('m', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    for row in rows {
+        let name = QualifiedName::new(row.get::<_, String>(0), row.get::<_, String>(1)).to_string();
+        if row.get::<_, String>(2) == "m" {
+            findings.push(warning(
+                "materialized_view",
+                &name,
+                "materialized views are not replicated: walbridge refreshes it on the target after the copy, \
+                 and it must be refreshed there again after the cutover",
+                format!("REFRESH MATERIALIZED VIEW {name}; -- on the target, after the cutover"),
+            ));
+        } else {
+            findings.push(warning(
+                "foreign_table",
+                &name,
+                "a foreign table's rows live elsewhere: only its definition is migrated",
+                "make sure the target can reach the foreign server",
+            ));
+        }
+    }
+    let large_objects: i64 = client
+        .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
+        .await?
+        .get(0);
+    if large_objects > 0 {
+        findings.push(warning(
+            "large_objects",
+            "pg_largeobject",
+            format!("{large_objects} large object(s): logical replication does not carry large objects"),
+            "move them into bytea columns, or copy them separately after the cutover",
+        ));
+    }
+    Ok(findings)
+}
+
+async fn transactions(client: &Client, older_than: Duration) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let mut findings = Vec::new();
+    let seconds = older_than.as_secs_f64();
+    let rows = client
+        .query(
+            "SELECT pid, extract(epoch FROM now() - xact_start)::float8, coalesce(state, ''), usename::text \
+             FROM pg_stat_activity \
+             WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND backend_type = 'client backend' \
+               AND now() - xact_start >= $1 * interval '1 second' \
+             ORDER BY xact_start",
+            &[&seconds],
+        )
+        .await?;
+    for row in rows {
+        let pid: i32 = row.get(0);
+        findings.push(warning(
+            "long_transaction",
+            format!("pid {pid}"),
+            format!(
+                "a transaction of {} has been open {:.0} s ({}): creating the replication slot waits for it to end",
+                row.get::<_, String>(3),
+                row.get::<_, f64>(1),
+                row.get::<_, String>(2)
+            ),
+            format!("end it, or SELECT pg_terminate_backend({pid});"),
+        ));
+    }
+    let prepared = client
+        .query(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() ORDER BY prepared",
+            &[],
+        )
+        .await?;
+    for row in prepared {
+        let gid: String = row.get(0);
+        findings.push(error(
+            "prepared_transaction",
+            &gid,
+            "a prepared transaction is pending: creating the replication slot waits until it is committed or rolled back",
+            format!("COMMIT PREPARED '{}'; -- or ROLLBACK PREPARED", gid.replace('\'', "''")),
+        ));
+    }
+    Ok(findings)
+}
+
+/// The agent's pg_dump must not be older than the source server (an older
+/// pg_dump refuses a newer server).
+pub fn check_pg_dump(pg_dump_version_output: Option<&str>, server_version_num: u32) -> Option<Finding> {
+    let server_major = server_version_num / 10000;
+    let install = format!("install postgresql-client-{server_major} (or newer) and set source.pg_dump to its pg_dump");
+    let Some(output) = pg_dump_version_output else {
+        return Some(error(
+            "pg_dump",
+            "source.pg_dump",
+            "pg_dump cannot be run: the schema cannot be dumped",
+            install,
+        ));
+    };
+    let major = output
+        .split_whitespace()
+        .find(|word| word.starts_with(|c: char| c.is_ascii_digit()))
+        .and_then(|version| version.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|major| major.parse::<u32>().ok());
+    match major {
+        Some(major) if major >= server_major => None,
+        Some(major) => Some(error(
+            "pg_dump",
+            "source.pg_dump",
+            format!(
+                "pg_dump is version {major}, older than the source server ({server_major}): it would refuse to dump it"
+            ),
+            install,
+        )),
+        None => Some(error(
+            "pg_dump",
+            "source.pg_dump",
+            format!("cannot tell pg_dump's version from {output:?}"),
+            install,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walbridge_migration::finding::Severity;
+
+    #[test]
+    fn pg_dump_must_not_be_older_than_the_server() {
+        assert_eq!(
+            check_pg_dump(Some("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"), 150018),
+            None
+        );
+        assert_eq!(check_pg_dump(Some("pg_dump (PostgreSQL) 18.1"), 130022), None);
+        let old = check_pg_dump(Some("pg_dump (PostgreSQL) 14.2"), 160001).unwrap();
+        assert_eq!(old.severity, Severity::Error);
+        assert!(old.fix.contains("postgresql-client-16"), "{}", old.fix);
+        assert!(check_pg_dump(None, 150000).unwrap().is_error());
+    }
+
+    #[test]
+    fn xid_age_thresholds() {
+        assert_eq!(xid_age_finding(1_000_000), None);
+        assert_eq!(xid_age_finding(1_500_000_000).unwrap().severity, Severity::Warning);
+        assert_eq!(xid_age_finding(1_900_000_000).unwrap().severity, Severity::Error);
+    }
+}

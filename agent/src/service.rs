@@ -1,33 +1,53 @@
-//! The gRPC service the agent serves to the controller over the link.
+//! The gRPC service the agent serves to the controller over the link:
+//! conversions between wire types and the agent's own types happen here.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use walbridge_daemon::VERSION;
 use walbridge_daemon::pg::Database;
 use walbridge_daemon::telemetry::continue_trace;
+use walbridge_migration::copy::PageRange;
+use walbridge_migration::ident::QualifiedName;
+use walbridge_proto::convert::{name_from_wire, name_to_wire};
 use walbridge_proto::v1 as wire;
 use walbridge_proto::v1::agent_service_server::AgentService;
 
-use crate::source::{self, SourceStatus};
+use crate::snapshot::Snapshots;
+use crate::source::{self, APPLICATION_NAME, SourceStatus};
+use crate::{catalog, copy, preflight};
+
+/// A transaction open longer than this is reported by preflight.
+const LONG_TRANSACTION: Duration = Duration::from_secs(300);
+
+/// What outlives any one link: the source, the snapshots held on it.
+#[derive(Debug)]
+pub struct AgentState {
+    pub name: String,
+    pub source: Database,
+    pub pg_dump: String,
+    pub snapshots: Arc<Snapshots>,
+    /// Streams and snapshot holders run here, so shutdown can wait for them.
+    pub tasks: tokio_util::task::TaskTracker,
+}
 
 /// One link's service; it counts the calls it answered, so the link can
 /// tell a controller that hung up at once (it refused us) from one that
 /// talked and then went away.
 #[derive(Debug, Clone)]
 pub struct Agent {
-    name: String,
-    source: Database,
+    state: Arc<AgentState>,
     calls: Arc<AtomicU64>,
 }
 
 impl Agent {
-    pub fn new(name: String, source: Database) -> Agent {
+    pub fn new(state: Arc<AgentState>) -> Agent {
         Agent {
-            name,
-            source,
+            state,
             calls: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -35,27 +55,272 @@ impl Agent {
     pub fn calls_answered(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
+
+    fn span<T>(&self, name: &'static str, request: &Request<T>) -> tracing::Span {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("rpc", method = name);
+        continue_trace(&span, request.metadata());
+        span
+    }
+
+    async fn source_client(&self) -> Result<tokio_postgres::Client, Status> {
+        self.state
+            .source
+            .connect(APPLICATION_NAME)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot reach the source: {e}")))
+    }
 }
+
+type ChunkStream = ReceiverStream<Result<wire::DataChunk, Status>>;
 
 #[tonic::async_trait]
 impl AgentService for Agent {
     async fn hello(&self, request: Request<wire::HelloRequest>) -> Result<Response<wire::HelloResponse>, Status> {
-        let span = tracing::info_span!("hello", controller_version = %request.get_ref().controller_version);
-        continue_trace(&span, request.metadata());
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        let status = source::probe(&self.source).instrument(span).await;
+        let span = self.span("hello", &request);
+        let status = source::probe(&self.state.source).instrument(span).await;
         if let Some(problem) = &status.unreachable {
-            tracing::warn!(source = %self.source.redacted(), %problem, "source database unreachable");
+            tracing::warn!(source = %self.state.source.redacted(), %problem, "source database unreachable");
         }
         Ok(Response::new(wire::HelloResponse {
-            agent_name: self.name.clone(),
+            agent_name: self.state.name.clone(),
             agent_version: VERSION.to_owned(),
-            source: Some(to_wire(status)),
+            source: Some(status_to_wire(status)),
+            host_cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        }))
+    }
+
+    async fn preflight(
+        &self,
+        request: Request<wire::SourcePreflightRequest>,
+    ) -> Result<Response<wire::SourcePreflightResponse>, Status> {
+        let span = self.span("preflight", &request);
+        async {
+            let request = request.into_inner();
+            let client = self.source_client().await?;
+            let tables: Vec<QualifiedName> = request.tables.into_iter().map(name_from_wire).collect();
+            let scope = preflight::SourceScope {
+                tables: (!tables.is_empty()).then_some(tables),
+                connected_port: self.state.source.config().get_ports().first().copied(),
+                long_transaction_after: LONG_TRANSACTION,
+            };
+            let (mut findings, facts) = preflight::check_source(&client, &scope)
+                .await
+                .map_err(|e| Status::internal(format!("preflight query failed: {}", copy::db_message(&e))))?;
+            let version = pg_dump_version(&self.state.pg_dump).await;
+            findings.extend(preflight::check_pg_dump(version.as_deref(), facts.server_version_num));
+            Ok(Response::new(wire::SourcePreflightResponse {
+                findings: findings.into_iter().map(wire::Finding::from).collect(),
+                server_version_num: facts.server_version_num,
+                database_size_bytes: facts.database_size_bytes,
+                extensions: facts
+                    .extensions
+                    .into_iter()
+                    .map(|e| wire::Extension {
+                        name: e.name,
+                        version: e.version,
+                    })
+                    .collect(),
+                tables: facts.tables.into_iter().map(name_to_wire).collect(),
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list_tables(
+        &self,
+        request: Request<wire::ListTablesRequest>,
+    ) -> Result<Response<wire::ListTablesResponse>, Status> {
+        let span = self.span("list_tables", &request);
+        async {
+            let client = self.source_client().await?;
+            let tables = catalog::list_tables(&client)
+                .await
+                .map_err(|e| Status::internal(format!("listing tables failed: {}", copy::db_message(&e))))?;
+            Ok(Response::new(wire::ListTablesResponse {
+                tables: tables
+                    .into_iter()
+                    .map(|t| wire::SourceTable {
+                        name: Some(name_to_wire(t.name)),
+                        kind: if t.kind == 'm' {
+                            "r".to_owned()
+                        } else {
+                            t.kind.to_string()
+                        },
+                        parent: t.parent.map(name_to_wire),
+                        columns: t
+                            .columns
+                            .into_iter()
+                            .map(|c| wire::Column {
+                                name: c.name,
+                                generated: c.generated,
+                            })
+                            .collect(),
+                        size_bytes: t.size_bytes,
+                        pages: t.pages,
+                        materialized_view: t.kind == 'm',
+                    })
+                    .collect(),
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<wire::CreateSnapshotRequest>,
+    ) -> Result<Response<wire::SnapshotCreated>, Status> {
+        let span = self.span("create_snapshot", &request);
+        async {
+            let request = request.into_inner();
+            let tables: Vec<QualifiedName> = request.tables.into_iter().map(name_from_wire).collect();
+            let held = self
+                .state
+                .snapshots
+                .create(&self.state.source, &request.slot, &request.publication, &tables)
+                .await
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            Ok(Response::new(wire::SnapshotCreated {
+                slot: held.slot,
+                snapshot: held.snapshot,
+                consistent_lsn: held.consistent_lsn,
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn snapshot_status(
+        &self,
+        request: Request<wire::SnapshotStatusRequest>,
+    ) -> Result<Response<wire::SnapshotStatusResponse>, Status> {
+        let _span = self.span("snapshot_status", &request);
+        Ok(Response::new(wire::SnapshotStatusResponse {
+            held: self.state.snapshots.is_held(&request.get_ref().snapshot),
+        }))
+    }
+
+    type DumpSchemaStream = ChunkStream;
+
+    async fn dump_schema(
+        &self,
+        request: Request<wire::DumpSchemaRequest>,
+    ) -> Result<Response<Self::DumpSchemaStream>, Status> {
+        let span = self.span("dump_schema", &request);
+        let request = request.into_inner();
+        if request.section != "pre-data" && request.section != "post-data" {
+            return Err(Status::invalid_argument(format!(
+                "no schema section {:?}",
+                request.section
+            )));
+        }
+        let (out, chunks) = copy::channel();
+        self.state.tasks.spawn(
+            copy::dump_schema(
+                self.state.source.clone(),
+                self.state.pg_dump.clone(),
+                request.snapshot,
+                request.section,
+                request.exclude.into_iter().map(name_from_wire).collect(),
+                out,
+            )
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(chunks)))
+    }
+
+    type CopyTableStream = ChunkStream;
+
+    async fn copy_table(
+        &self,
+        request: Request<wire::CopyTableRequest>,
+    ) -> Result<Response<Self::CopyTableStream>, Status> {
+        let span = self.span("copy_table", &request);
+        let request = request.into_inner();
+        let table = request
+            .table
+            .map(name_from_wire)
+            .ok_or_else(|| Status::invalid_argument("no table"))?;
+        let range = (request.end_page > 0).then_some(PageRange {
+            first_page: request.first_page,
+            end_page: request.end_page,
+        });
+        let (out, chunks) = copy::channel();
+        self.state.tasks.spawn(
+            copy::copy_table(
+                self.state.source.clone(),
+                request.snapshot,
+                table,
+                request.columns,
+                range,
+                out,
+            )
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(chunks)))
+    }
+
+    async fn checksum(
+        &self,
+        request: Request<wire::ChecksumRequest>,
+    ) -> Result<Response<wire::ChecksumResponse>, Status> {
+        let span = self.span("checksum", &request);
+        let request = request.into_inner();
+        let table = request
+            .table
+            .map(name_from_wire)
+            .ok_or_else(|| Status::invalid_argument("no table"))?;
+        let (rows, checksum) = copy::checksum(&self.state.source, &request.snapshot, &table, &request.columns)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(wire::ChecksumResponse { rows, checksum }))
+    }
+
+    async fn release_snapshot(
+        &self,
+        request: Request<wire::ReleaseSnapshotRequest>,
+    ) -> Result<Response<wire::ReleaseSnapshotResponse>, Status> {
+        let _span = self.span("release_snapshot", &request);
+        self.state.snapshots.release(&request.get_ref().snapshot);
+        Ok(Response::new(wire::ReleaseSnapshotResponse {}))
+    }
+
+    async fn drop_replication(
+        &self,
+        request: Request<wire::DropReplicationRequest>,
+    ) -> Result<Response<wire::DropReplicationResponse>, Status> {
+        let span = self.span("drop_replication", &request);
+        let request = request.into_inner();
+        self.state.snapshots.release_slot(&request.slot);
+        let (dropped_slot, dropped_publication) =
+            crate::snapshot::drop_replication(&self.state.source, &request.slot, &request.publication)
+                .instrument(span)
+                .await
+                .map_err(|e| Status::internal(format!("cannot drop {}: {}", request.slot, copy::db_message(&e))))?;
+        if dropped_slot || dropped_publication {
+            tracing::info!(slot = %request.slot, dropped_slot, dropped_publication, "dropped replication objects");
+        }
+        Ok(Response::new(wire::DropReplicationResponse {
+            dropped_slot,
+            dropped_publication,
         }))
     }
 }
 
-fn to_wire(status: SourceStatus) -> wire::SourceStatus {
+async fn pg_dump_version(pg_dump: &str) -> Option<String> {
+    let out = tokio::process::Command::new(pg_dump)
+        .arg("--version")
+        .output()
+        .await
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn status_to_wire(status: SourceStatus) -> wire::SourceStatus {
     wire::SourceStatus {
         reachable: status.unreachable.is_none(),
         error: status.unreachable.unwrap_or_default(),

@@ -4,6 +4,7 @@
 mod agents;
 mod certs;
 mod client;
+mod migrate;
 mod output;
 
 use std::path::PathBuf;
@@ -36,11 +37,67 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the source (through its agent) and the target; creates nothing. Exit 1 on any error finding.
+    Preflight {
+        /// The agent next to the source.
+        #[arg(long)]
+        agent: String,
+        #[command(flatten)]
+        tables: TableArgs,
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a migration: preflight, publication, slot and snapshot, schema, parallel copy, verification.
+    ///
+    /// Follows the migration until the initial copy is done (Ctrl-C leaves it running in the controller).
+    Start {
+        /// The agent next to the source.
+        #[arg(long)]
+        agent: String,
+        #[command(flatten)]
+        tables: TableArgs,
+        /// Tables copied at once (default: the agent host's CPUs, at least 2).
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        parallel: u32,
+        /// Do not checksum each table right after its copy.
+        #[arg(long)]
+        no_verify: bool,
+        /// Print the final status as one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the migration's phase and each table's state, rows, bytes and throughput.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Count and checksum every table on both sides; exit 1 when any differs.
+    ///
+    /// Exact when the source is quiet: each side reads a consistent snapshot of its own.
+    Verify {
+        #[command(flatten)]
+        tables: TableArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// Make the certificates of an install (no controller needed).
     Certs {
         #[command(subcommand)]
         command: CertsCommand,
     },
+}
+
+/// Which tables: patterns match `schema.table` (unquoted) with `*` and `?`;
+/// a pattern without a dot matches the table name in any schema.
+#[derive(Debug, clap::Args)]
+struct TableArgs {
+    /// Only these tables (repeat or comma-separate); default: every user table.
+    #[arg(long, value_name = "PATTERN", value_delimiter = ',')]
+    tables: Vec<String>,
+    /// Leave these tables out.
+    #[arg(long, value_name = "PATTERN", value_delimiter = ',')]
+    exclude: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,6 +148,32 @@ fn main() -> ExitCode {
         Command::Agents { json } => {
             with_controller(&matches, |address| async move { agents::run(&address, json).await })
         }
+        Command::Preflight { agent, tables, json } => with_controller(&matches, |address| async move {
+            migrate::preflight(&address, agent, &tables.tables, &tables.exclude, json).await
+        }),
+        Command::Start {
+            agent,
+            tables,
+            parallel,
+            no_verify,
+            json,
+        } => with_controller(&matches, |address| async move {
+            let options = migrate::StartOptions {
+                agent,
+                tables: tables.tables,
+                exclude: tables.exclude,
+                parallel,
+                no_verify,
+                json,
+            };
+            migrate::start(&address, options).await
+        }),
+        Command::Status { json } => {
+            with_controller(&matches, |address| async move { migrate::status(&address, json).await })
+        }
+        Command::Verify { tables, json } => with_controller(&matches, |address| async move {
+            migrate::verify(&address, &tables.tables, &tables.exclude, json).await
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,6 +20,8 @@ use walbridge_proto::v1 as wire;
 use walbridge_proto::v1::controller_api_server::{ControllerApi, ControllerApiServer};
 
 use crate::link::{hello, unix_ms};
+use crate::migration::Migrations;
+use crate::operations;
 use crate::registry::Registry;
 
 /// Handshakes waiting for the API server to take them.
@@ -29,11 +31,19 @@ const API_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct Api {
     registry: Arc<Registry>,
+    migrations: Arc<Migrations>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 impl Api {
-    pub fn new(registry: Arc<Registry>) -> Api {
-        Api { registry }
+    pub fn new(migrations: Arc<Migrations>, tasks: TaskTracker, shutdown: CancellationToken) -> Api {
+        Api {
+            registry: migrations.registry().clone(),
+            migrations,
+            tasks,
+            shutdown,
+        }
     }
 }
 
@@ -63,6 +73,32 @@ impl ControllerApi for Api {
             })
             .collect();
         Ok(Response::new(wire::ListAgentsResponse { agents }))
+    }
+
+    async fn preflight(
+        &self,
+        request: Request<wire::PreflightRequest>,
+    ) -> Result<Response<wire::PreflightResponse>, Status> {
+        let findings = operations::preflight_call(&self.migrations, request.into_inner()).await?;
+        Ok(Response::new(wire::PreflightResponse {
+            findings: findings.into_iter().map(wire::Finding::from).collect(),
+        }))
+    }
+
+    async fn start(&self, request: Request<wire::StartRequest>) -> Result<Response<wire::StartResponse>, Status> {
+        operations::start(&self.migrations, request.into_inner(), &self.tasks, &self.shutdown)
+            .await
+            .map(Response::new)
+    }
+
+    async fn status(&self, _request: Request<wire::StatusRequest>) -> Result<Response<wire::StatusResponse>, Status> {
+        operations::status(&self.migrations).map(Response::new)
+    }
+
+    async fn verify(&self, request: Request<wire::VerifyRequest>) -> Result<Response<wire::VerifyResponse>, Status> {
+        operations::verify(&self.migrations, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 

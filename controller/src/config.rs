@@ -13,6 +13,7 @@ pub const DATA_DIR: &str = "data_dir";
 pub const LISTEN_AGENTS: &str = "listen.agents";
 pub const LISTEN_API: &str = "listen.api";
 pub const TARGET_URL: &str = "target.url";
+pub const COPY_SPLIT_BYTES: &str = "copy.split_bytes";
 
 /// Every setting the controller reads.
 pub fn settings() -> Vec<Setting> {
@@ -41,6 +42,12 @@ pub fn settings() -> Vec<Setting> {
             help: "libpq URL of the target database",
             value_name: "URL",
             default: None,
+        },
+        Setting {
+            key: COPY_SPLIT_BYTES,
+            help: "tables larger than this many bytes are copied as page ranges of about this size, in parallel",
+            value_name: "BYTES",
+            default: Some("268435456"),
         },
     ];
     all.extend(TLS_SETTINGS);
@@ -78,6 +85,7 @@ pub struct ControllerConfig {
     pub listen_agents: SocketAddr,
     pub listen_api: ApiAddress,
     pub target: Option<Database>,
+    pub split_bytes: u64,
     pub identity: Identity,
     pub log_format: LogFormat,
 }
@@ -97,8 +105,13 @@ impl ControllerConfig {
             .get(TARGET_URL)
             .map(|raw| Database::parse(TARGET_URL, raw))
             .transpose()?;
+        let split_bytes = settings
+            .parse::<u64>(COPY_SPLIT_BYTES)?
+            .filter(|&bytes| bytes > 0)
+            .ok_or_else(|| SettingError::new(COPY_SPLIT_BYTES, "must be a positive number of bytes"))?;
         let identity = Identity::from_settings(settings)?;
         Ok(ControllerConfig {
+            split_bytes,
             data_dir,
             listen_agents,
             listen_api,

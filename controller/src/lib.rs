@@ -5,7 +5,12 @@
 //! * [`config`]: the controller's settings.
 //! * [`link`]: accepting agents; the gRPC client over each agent's link.
 //! * [`registry`]: the agents connected now.
-//! * [`api`]: the CLI's API.
+//! * [`api`]: the CLI's API; [`operations`]: what its calls do.
+//! * [`migration`]: the migration's state machine and journal records.
+//! * [`plan`]: from catalog and selection to what is copied.
+//! * [`schema`]: pg_dump's sections applied to the target.
+//! * [`transfer`]: table data into the target; checksums.
+//! * [`preflight`]: the target-side checks.
 //!
 //! **Architecture invariant**: only the controller connects to the target;
 //! it never connects to the source (the agent does).
@@ -13,8 +18,13 @@
 pub mod api;
 pub mod config;
 pub mod link;
+pub mod migration;
+pub mod operations;
+pub mod plan;
 pub mod preflight;
 pub mod registry;
+pub mod schema;
+pub mod transfer;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -109,7 +119,21 @@ impl BoundController {
             tasks.clone(),
             shutdown.clone(),
         ));
-        let api_service = api::Api::new(registry);
+        let migrations = Arc::new(
+            migration::Migrations::open(&journal, registry, config.target.clone(), config.split_bytes)
+                .map_err(|e| e.to_string())?,
+        );
+        // A migration interrupted by a restart carries on where its journal
+        // says it was.
+        if migrations
+            .current()
+            .map_err(|e| e.to_string())?
+            .is_some_and(|m| m.phase.is_running())
+        {
+            tracing::info!("resuming the migration in the journal");
+            tasks.spawn(migrations.clone().run(shutdown.clone()));
+        }
+        let api_service = api::Api::new(migrations, tasks.clone(), shutdown.clone());
         let served = match api {
             ApiListener::Unix(listener) => {
                 listener.set_nonblocking(true).map_err(|e| e.to_string())?;

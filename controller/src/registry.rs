@@ -31,6 +31,8 @@ pub struct ConnectedAgent {
 pub struct Registry {
     agents: Mutex<HashMap<String, ConnectedAgent>>,
     next_link_id: AtomicU64,
+    /// Woken whenever an agent connects, for steps waiting for theirs.
+    connected: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -41,7 +43,14 @@ impl Registry {
     /// Registers a link, replacing (and so closing) an older link of the
     /// same agent, which is returned.
     pub fn insert(&self, agent: ConnectedAgent) -> Option<ConnectedAgent> {
-        self.lock().insert(agent.name.clone(), agent)
+        let previous = self.lock().insert(agent.name.clone(), agent);
+        self.connected.notify_waiters();
+        previous
+    }
+
+    /// Resolves after the next agent connects.
+    pub async fn changed(&self) {
+        self.connected.notified().await;
     }
 
     /// Removes the agent's entry if it is still this link's.

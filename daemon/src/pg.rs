@@ -66,6 +66,46 @@ impl Database {
             .unwrap_or_default()
     }
 
+    /// The parsed connection settings (for clients other than
+    /// tokio-postgres, such as the replication connection).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// libpq's environment variables for this database, for a child process
+    /// such as pg_dump: the password travels in the child's environment,
+    /// never on a command line that `ps` shows.
+    pub fn libpq_environment(&self, application_name: &str) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("PGAPPNAME".to_owned(), application_name.to_owned()),
+            ("PGDATABASE".to_owned(), self.database_name().to_owned()),
+            ("PGCONNECT_TIMEOUT".to_owned(), CONNECT_TIMEOUT.as_secs().to_string()),
+        ];
+        if let Some(host) = self.config.get_hosts().first() {
+            let host = match host {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            };
+            env.push(("PGHOST".to_owned(), host));
+        }
+        if let Some(port) = self.config.get_ports().first() {
+            env.push(("PGPORT".to_owned(), port.to_string()));
+        }
+        if let Some(user) = self.config.get_user() {
+            env.push(("PGUSER".to_owned(), user.to_owned()));
+        }
+        if let Some(password) = self.config.get_password() {
+            env.push(("PGPASSWORD".to_owned(), String::from_utf8_lossy(password).into_owned()));
+        }
+        let sslmode = match self.config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => "disable",
+            tokio_postgres::config::SslMode::Require => "require",
+            _ => "prefer",
+        };
+        env.push(("PGSSLMODE".to_owned(), sslmode.to_owned()));
+        env
+    }
+
     /// Opens a session named `application_name`. The connection's task ends
     /// when the returned client is dropped.
     pub async fn connect(&self, application_name: &str) -> Result<Client, tokio_postgres::Error> {

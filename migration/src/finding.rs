@@ -39,3 +39,59 @@ impl Finding {
         self.severity == Severity::Error
     }
 }
+/// What the agent learned of the source that the target-side checks need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SourceFacts {
+    pub server_version_num: u32,
+    pub database_size_bytes: u64,
+    /// Installed in the source database (plpgsql left out: every server has it).
+    pub extensions: Vec<Extension>,
+    /// The tables in scope: ordinary and partitioned tables.
+    pub tables: Vec<crate::ident::QualifiedName>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Extension {
+    pub name: String,
+    pub version: String,
+}
+
+impl Finding {
+    pub fn error(
+        side: Side,
+        check: &str,
+        object: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Finding {
+        Finding::new(Severity::Error, side, check, object, message, fix)
+    }
+
+    pub fn warning(
+        side: Side,
+        check: &str,
+        object: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Finding {
+        Finding::new(Severity::Warning, side, check, object, message, fix)
+    }
+
+    fn new(
+        severity: Severity,
+        side: Side,
+        check: &str,
+        object: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Finding {
+        Finding {
+            severity,
+            side,
+            check: check.to_owned(),
+            object: object.into(),
+            message: message.into(),
+            fix: fix.into(),
+        }
+    }
+}

@@ -5,3 +5,4 @@
 mod link;
 mod settings;
 mod support;
+mod sync;

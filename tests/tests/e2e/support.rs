@@ -142,3 +142,116 @@ impl Install {
         self.agents()?.into_iter().find(|a| a["name"] == name)
     }
 }
+
+/// A source and a target cluster with a controller and an agent between
+/// them: everything `walbridge start` needs.
+pub struct Migration {
+    pub source: harness::Cluster,
+    pub target: harness::Cluster,
+    pub install: Install,
+    pub controller: Daemon,
+    pub agent: Daemon,
+}
+
+pub const DATABASE: &str = "app";
+
+impl Migration {
+    /// Clusters with an `app` database each; `prepare_source` fills the
+    /// source before the daemons start.
+    pub fn new(source: harness::Cluster, prepare_source: &str) -> Migration {
+        Migration::with_controller_args(source, prepare_source, &[])
+    }
+
+    pub fn with_controller_args(source: harness::Cluster, prepare_source: &str, extra: &[&str]) -> Migration {
+        let target = harness::Cluster::builder("target").start();
+        source.create_database(DATABASE);
+        target.create_database(DATABASE);
+        if !prepare_source.is_empty() {
+            source.psql(DATABASE, prepare_source);
+        }
+        let install = Install::new("localhost", &["east"]);
+        let controller = Daemon::start(
+            "controller",
+            harness::daemons::CONTROLLER,
+            &[
+                install.controller_args(),
+                vec!["--target-url".into(), target.url(DATABASE)],
+                extra.iter().map(|a| a.to_string()).collect(),
+            ]
+            .concat(),
+            install.path(),
+        );
+        let agent = install.start_agent("east", &source.url(DATABASE));
+        harness::daemons::eventually(LINK_TIMEOUT, "agent east to connect", || {
+            install.connected_agent("east")
+        });
+        Migration {
+            source,
+            target,
+            install,
+            controller,
+            agent,
+        }
+    }
+
+    /// Runs `walbridge <args>` against this controller.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let api = self.install.api();
+        let mut all = vec!["--api", api.as_str()];
+        all.extend_from_slice(args);
+        walbridge(&all)
+    }
+
+    /// Runs a CLI command that prints JSON and parses it.
+    pub fn cli_json(&self, args: &[&str]) -> (Option<i32>, Value, String) {
+        let out = self.cli(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out.status.code(), json, stderr)
+    }
+
+    pub fn status(&self) -> Value {
+        let (code, json, stderr) = self.cli_json(&["status", "--json"]);
+        assert_eq!(code, Some(0), "status failed: {stderr}");
+        json
+    }
+
+    /// Starts the migration without waiting for it (the CLI follows it in
+    /// the background; the test polls `status`).
+    pub fn start_in_background(&self, extra: &[&str]) -> std::process::Child {
+        let api = self.install.api();
+        let mut command = std::process::Command::new(harness::daemons::binary(harness::daemons::CLI));
+        command
+            .args(["--api", &api, "start", "--agent", "east", "--json"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        command.spawn().expect("walbridge start runs")
+    }
+
+    /// Waits for the migration to reach `phase`, failing fast if it fails.
+    pub fn wait_for_phase(&self, phase: &str, timeout: Duration) -> Value {
+        harness::daemons::eventually(timeout, &format!("phase {phase}"), || {
+            let status = self.status();
+            assert!(
+                status["phase"] != "failed" || phase == "failed",
+                "the migration failed: {status}"
+            );
+            (status["phase"] == phase).then_some(status)
+        })
+    }
+
+    /// Names of walbridge's slots and publications on the source.
+    pub fn source_replication_objects(&self) -> (String, String) {
+        (
+            self.source.psql(
+                DATABASE,
+                "SELECT coalesce(string_agg(slot_name, ',' ORDER BY slot_name), '') FROM pg_replication_slots",
+            ),
+            self.source.psql(
+                DATABASE,
+                "SELECT coalesce(string_agg(pubname, ',' ORDER BY pubname), '') FROM pg_publication",
+            ),
+        )
+    }
+}

@@ -1,0 +1,209 @@
+//! What the agent streams to the controller: `pg_dump` sections and table
+//! data, read in the exported snapshot, in zstd-compressed chunks, and
+//! checksums computed the same way the controller computes them.
+//!
+//! Each stream runs in a task that feeds a small bounded channel, so a slow
+//! controller slows the read from the source (backpressure end to end) and
+//! memory stays bounded whatever the table's size.
+
+use std::process::Stdio;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{StreamExt, pin_mut};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+use tonic::Status;
+use walbridge_daemon::pg::Database;
+use walbridge_migration::copy::{self, PageRange, SESSION_SETTINGS};
+use walbridge_migration::ident::{QualifiedName, quote_literal};
+use walbridge_proto::v1 as wire;
+
+use crate::source::APPLICATION_NAME;
+
+/// Raw bytes per chunk before compression.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+/// Chunks in flight per stream.
+const CHANNEL_CHUNKS: usize = 4;
+/// zstd level: fast, and still a good ratio on table data.
+const ZSTD_LEVEL: i32 = 1;
+
+pub type ChunkSender = mpsc::Sender<Result<wire::DataChunk, Status>>;
+
+pub fn channel() -> (ChunkSender, mpsc::Receiver<Result<wire::DataChunk, Status>>) {
+    mpsc::channel(CHANNEL_CHUNKS)
+}
+
+fn compress(raw: &[u8]) -> Result<wire::DataChunk, Status> {
+    let data = zstd::bulk::compress(raw, ZSTD_LEVEL).map_err(|e| Status::internal(format!("zstd: {e}")))?;
+    Ok(wire::DataChunk {
+        data,
+        raw_len: raw.len() as u64,
+    })
+}
+
+/// Opens a session reading in `snapshot` (or in a fresh consistent
+/// snapshot when `snapshot` is empty), with the shared session settings.
+pub async fn snapshot_session(source: &Database, snapshot: &str) -> Result<Client, Status> {
+    let client = source
+        .connect(APPLICATION_NAME)
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach the source: {e}")))?;
+    let mut setup = format!("{SESSION_SETTINGS}; START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY");
+    if !snapshot.is_empty() {
+        setup.push_str(&format!("; SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)));
+    }
+    client.batch_execute(&setup).await.map_err(|e| {
+        let message = db_message(&e);
+        if message.contains("invalid snapshot identifier") {
+            Status::failed_precondition(format!("the snapshot {snapshot} is gone: {message}"))
+        } else {
+            Status::internal(format!("cannot open a snapshot session on the source: {message}"))
+        }
+    })?;
+    Ok(client)
+}
+
+pub fn db_message(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => error.to_string(),
+    }
+}
+
+/// Streams `COPY ... TO STDOUT` of one table (or page range) to `out`.
+pub async fn copy_table(
+    source: Database,
+    snapshot: String,
+    table: QualifiedName,
+    columns: Vec<String>,
+    range: Option<PageRange>,
+    out: ChunkSender,
+) {
+    let result = async {
+        let client = snapshot_session(&source, &snapshot).await?;
+        let stream = client
+            .copy_out(&copy::copy_out(&table, &columns, range))
+            .await
+            .map_err(|e| Status::internal(format!("COPY of {table} failed on the source: {}", db_message(&e))))?;
+        pin_mut!(stream);
+        let mut buffer = BytesMut::with_capacity(CHUNK_BYTES);
+        while let Some(piece) = stream.next().await {
+            let piece: Bytes = piece
+                .map_err(|e| Status::internal(format!("COPY of {table} failed on the source: {}", db_message(&e))))?;
+            buffer.extend_from_slice(&piece);
+            if buffer.len() >= CHUNK_BYTES {
+                let chunk = compress(&buffer)?;
+                buffer.clear();
+                if out.send(Ok(chunk)).await.is_err() {
+                    // The controller went away: nothing more to do.
+                    return Ok(());
+                }
+            }
+        }
+        if !buffer.is_empty() {
+            let _ = out.send(Ok(compress(&buffer)?)).await;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(status) = result {
+        let _ = out.send(Err(status)).await;
+    }
+}
+
+/// Streams `pg_dump --schema-only --section=<section>` in the snapshot.
+pub async fn dump_schema(
+    source: Database,
+    pg_dump: String,
+    snapshot: String,
+    section: String,
+    exclude: Vec<QualifiedName>,
+    out: ChunkSender,
+) {
+    let result = async {
+        let mut command = tokio::process::Command::new(&pg_dump);
+        command
+            .args([
+                "--schema-only",
+                "--no-owner",
+                "--no-privileges",
+                "--no-publications",
+                "--no-subscriptions",
+            ])
+            .arg(format!("--section={section}"))
+            .arg(format!("--snapshot={snapshot}"))
+            .envs(source.libpq_environment(APPLICATION_NAME))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for table in &exclude {
+            command.arg(format!("--exclude-table={}", dump_pattern(table)));
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| Status::failed_precondition(format!("cannot run {pg_dump}: {e}")))?;
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let errors = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text).await;
+            text
+        });
+        let mut buffer = vec![0u8; CHUNK_BYTES];
+        loop {
+            let n = stdout
+                .read(&mut buffer)
+                .await
+                .map_err(|e| Status::internal(format!("reading pg_dump's output: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            if out.send(Ok(compress(&buffer[..n])?)).await.is_err() {
+                return Ok(());
+            }
+        }
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| Status::internal(format!("waiting for pg_dump: {e}")))?;
+        let errors = errors.await.unwrap_or_default();
+        if !status.success() {
+            return Err(Status::internal(format!(
+                "pg_dump failed ({status}): {}",
+                errors.trim()
+            )));
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(status) = result {
+        let _ = out.send(Err(status)).await;
+    }
+}
+
+/// A pg_dump table pattern that matches exactly this table: inside double
+/// quotes, pattern characters are literal.
+fn dump_pattern(table: &QualifiedName) -> String {
+    format!(
+        "\"{}\".\"{}\"",
+        table.schema.replace('"', "\"\""),
+        table.name.replace('"', "\"\"")
+    )
+}
+
+/// Row count and checksum of one table, in the snapshot if given.
+pub async fn checksum(
+    source: &Database,
+    snapshot: &str,
+    table: &QualifiedName,
+    columns: &[String],
+) -> Result<(u64, String), Status> {
+    let client = snapshot_session(source, snapshot).await?;
+    let row = client
+        .query_one(&copy::checksum(table, columns), &[])
+        .await
+        .map_err(|e| Status::internal(format!("checksum of {table} failed on the source: {}", db_message(&e))))?;
+    Ok((row.get::<_, i64>(0) as u64, row.get(1)))
+}

@@ -1,0 +1,658 @@
+//! The migration: one state machine, persisted as it is, readable beside
+//! the runbook. Each phase is recorded in the journal before the next one
+//! starts, and each can be run again after any process restarts:
+//!
+//! | phase            | safe to repeat because                                       |
+//! |------------------|--------------------------------------------------------------|
+//! | `Snapshot`       | a leftover slot of this migration is dropped first           |
+//! | `SchemaPreData`  | runs once: recorded done before the copy starts              |
+//! | `Copy`           | each table is emptied and copied in one target transaction   |
+//! | `SchemaPostData` | its statements are recorded done one by one                  |
+//! | `ReleaseSnapshot`| releasing a snapshot that is gone is a no-op                 |
+//!
+//! If the agent loses the exported snapshot (it dies with the agent's
+//! process), the copy cannot go on against it: the old slot is dropped, the
+//! target's tables are emptied, and the copy restarts from a new slot and
+//! snapshot. The target is never left silently inconsistent.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use walbridge_daemon::journal::{Journal, JournalError, Table};
+use walbridge_daemon::pg::Database;
+use walbridge_migration::copy::PageRange;
+use walbridge_migration::ident::QualifiedName;
+use walbridge_migration::selection::Selection;
+use walbridge_proto::convert::name_to_wire;
+use walbridge_proto::v1 as wire;
+
+use crate::registry::{AgentClient, Registry};
+use crate::{schema, transfer};
+
+/// How long the migration waits for its agent to (re)connect before it
+/// gives up and reports the migration failed.
+pub const AGENT_WAIT: Duration = Duration::from_secs(120);
+
+const MIGRATION_TABLE: &str = "migration";
+const TABLES_TABLE: &str = "migration.tables";
+const CURRENT: &str = "current";
+pub const APPLICATION_NAME: &str = "walbridge-controller";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Snapshot,
+    SchemaPreData,
+    Copy,
+    SchemaPostData,
+    ReleaseSnapshot,
+    /// The initial copy is done and verified; streaming comes next.
+    Copied,
+    Failed,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Snapshot => "snapshot",
+            Phase::SchemaPreData => "schema_pre_data",
+            Phase::Copy => "copy",
+            Phase::SchemaPostData => "schema_post_data",
+            Phase::ReleaseSnapshot => "release_snapshot",
+            Phase::Copied => "copied",
+            Phase::Failed => "failed",
+        }
+    }
+
+    pub fn is_running(self) -> bool {
+        !matches!(self, Phase::Copied | Phase::Failed)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub name: String,
+    pub consistent_lsn: String,
+}
+
+/// The migration as the journal holds it (tables are kept apart, one
+/// record each, so finishing a table rewrites only that table's record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub id: String,
+    pub agent: String,
+    pub selection: Selection,
+    pub parallel: u32,
+    pub verify: bool,
+    pub slot: String,
+    pub publication: String,
+    pub phase: Phase,
+    pub snapshot: Option<SnapshotRecord>,
+    pub pre_data_applied: bool,
+    /// The post-data script, dumped in the snapshot together with pre-data
+    /// so that it does not depend on the snapshot living past the copy.
+    pub post_data: Vec<String>,
+    pub post_data_applied: usize,
+    pub publication_tables: Vec<QualifiedName>,
+    pub dump_exclude: Vec<QualifiedName>,
+    pub materialized_views: Vec<QualifiedName>,
+    pub copy_restarts: u32,
+    /// Slots of abandoned copy attempts, dropped before the next slot is made.
+    pub stale_slots: Vec<String>,
+    pub events: Vec<String>,
+    pub error: Option<String>,
+}
+
+/// The slot (and publication) name of a migration's copy attempt: a new
+/// slot per attempt, so an abandoned one is recognisably gone.
+pub fn slot_name(id: &str, attempt: u32) -> String {
+    if attempt == 0 {
+        format!("walbridge_{id}")
+    } else {
+        format!("walbridge_{id}_{attempt}")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableState {
+    Pending,
+    Copying,
+    Copied,
+    Verified,
+    Failed,
+}
+
+impl TableState {
+    pub fn name(self) -> &'static str {
+        match self {
+            TableState::Pending => "pending",
+            TableState::Copying => "copying",
+            TableState::Copied => "copied",
+            TableState::Verified => "verified",
+            TableState::Failed => "failed",
+        }
+    }
+
+    fn is_done(self) -> bool {
+        matches!(self, TableState::Copied | TableState::Verified)
+    }
+}
+
+/// One table to copy (a leaf: an ordinary table or a partition).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableRecord {
+    pub name: QualifiedName,
+    /// The columns copied: every column but generated ones.
+    pub columns: Vec<String>,
+    pub ranges: Vec<PageRange>,
+    pub state: TableState,
+    pub rows: u64,
+    pub bytes: u64,
+    pub copy_seconds: f64,
+    /// How many times this table's copy was started (the status and the
+    /// tests use it to show a finished table is not copied again).
+    pub copy_attempts: u32,
+}
+
+/// Why a migration step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("the agent's snapshot is gone")]
+    SnapshotLost,
+    #[error("{0}")]
+    Failed(String),
+    #[error("stopped")]
+    Stopped,
+}
+
+impl From<JournalError> for StepError {
+    fn from(e: JournalError) -> Self {
+        StepError::Failed(format!("journal: {e}"))
+    }
+}
+
+/// A table being copied: its record and how many of its units remain.
+struct TableRun {
+    record: TableRecord,
+    remaining: usize,
+    started: Instant,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Live figures of the running copy, for `status`.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub tables: BTreeMap<QualifiedName, (u64, u64)>,
+}
+
+/// The controller's migrations (one at a time).
+pub struct Migrations {
+    registry: Arc<Registry>,
+    target: Option<Database>,
+    split_bytes: u64,
+    records: Table<MigrationRecord>,
+    tables: Table<TableRecord>,
+    progress: Mutex<Progress>,
+    running: Mutex<bool>,
+}
+
+impl std::fmt::Debug for Migrations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Migrations").finish_non_exhaustive()
+    }
+}
+
+impl Migrations {
+    pub fn open(
+        journal: &Journal,
+        registry: Arc<Registry>,
+        target: Option<Database>,
+        split_bytes: u64,
+    ) -> Result<Self, JournalError> {
+        Ok(Migrations {
+            registry,
+            target,
+            split_bytes,
+            records: journal.table(MIGRATION_TABLE)?,
+            tables: journal.table(TABLES_TABLE)?,
+            progress: Mutex::new(Progress::default()),
+            running: Mutex::new(false),
+        })
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn target(&self) -> Option<&Database> {
+        self.target.as_ref()
+    }
+
+    /// Tables larger than this are copied in page ranges.
+    pub fn split_bytes(&self) -> u64 {
+        self.split_bytes
+    }
+
+    pub fn current(&self) -> Result<Option<MigrationRecord>, JournalError> {
+        self.records.get(CURRENT)
+    }
+
+    pub fn table_records(&self) -> Result<Vec<TableRecord>, JournalError> {
+        Ok(self.tables.all()?.into_iter().map(|(_, t)| t).collect())
+    }
+
+    pub fn live_progress(&self, table: &QualifiedName) -> Option<(u64, u64)> {
+        self.lock_progress().tables.get(table).copied()
+    }
+
+    fn lock_progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a new migration; `run` then carries it out.
+    pub async fn create(&self, record: MigrationRecord, tables: Vec<TableRecord>) -> Result<(), JournalError> {
+        for (_, old) in self.tables.all()? {
+            self.tables.remove(&old.name.to_string()).await?;
+        }
+        for table in &tables {
+            self.tables.put(&table.name.to_string(), table).await?;
+        }
+        self.records.put(CURRENT, &record).await
+    }
+
+    /// Runs the current migration to its end (or until `shutdown`), unless
+    /// it is already being run. Called after `create` and at startup.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            if *running {
+                return;
+            }
+            *running = true;
+        }
+        let result = self.clone().drive(shutdown).await;
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        match result {
+            Ok(()) | Err(StepError::Stopped) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "the migration failed");
+                if let Ok(Some(mut record)) = self.current() {
+                    record.phase = Phase::Failed;
+                    record.error = Some(e.to_string());
+                    if let Err(e) = self.records.put(CURRENT, &record).await {
+                        tracing::error!(error = %e, "cannot record the failure in the journal");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn drive(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), StepError> {
+        loop {
+            let Some(mut record) = self.current()? else {
+                return Ok(());
+            };
+            if !record.phase.is_running() {
+                return Ok(());
+            }
+            let span = tracing::info_span!("step", migration = %record.id, phase = record.phase.name());
+            let agent = self.wait_for_agent(&record.agent, &shutdown).await?;
+            let step = async {
+                match record.phase {
+                    Phase::Snapshot => self.take_snapshot(&agent, &mut record).await,
+                    Phase::SchemaPreData => self.apply_pre_data(&agent, &mut record).await,
+                    Phase::Copy => self.copy(&agent, &mut record).await,
+                    Phase::SchemaPostData => self.apply_post_data(&mut record).await,
+                    Phase::ReleaseSnapshot => self.release_snapshot(&agent, &mut record).await,
+                    Phase::Copied | Phase::Failed => Ok(()),
+                }
+            };
+            let outcome = tokio::select! {
+                outcome = tracing::Instrument::instrument(step, span) => outcome,
+                _ = shutdown.cancelled() => Err(StepError::Stopped),
+            };
+            match outcome {
+                Ok(()) => {}
+                Err(StepError::SnapshotLost) => self.restart_copy(&mut record).await?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits (bounded) for the migration's agent to be connected.
+    async fn wait_for_agent(&self, name: &str, shutdown: &CancellationToken) -> Result<AgentClient, StepError> {
+        let deadline = Instant::now() + AGENT_WAIT;
+        let mut announced = false;
+        loop {
+            if let Some(agent) = self.registry.get(name) {
+                return Ok(agent.client);
+            }
+            if !announced {
+                tracing::warn!(agent = %name, "waiting for the migration's agent to connect");
+                announced = true;
+            }
+            if Instant::now() >= deadline {
+                return Err(StepError::Failed(format!(
+                    "agent {name} did not connect within {AGENT_WAIT:?}"
+                )));
+            }
+            tokio::select! {
+                _ = self.registry.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.cancelled() => return Err(StepError::Stopped),
+            }
+        }
+    }
+
+    async fn save(&self, record: &MigrationRecord) -> Result<(), StepError> {
+        Ok(self.records.put(CURRENT, record).await?)
+    }
+
+    async fn save_table(&self, table: &TableRecord) -> Result<(), StepError> {
+        Ok(self.tables.put(&table.name.to_string(), table).await?)
+    }
+
+    fn target_db(&self) -> Result<&Database, StepError> {
+        self.target
+            .as_ref()
+            .ok_or_else(|| StepError::Failed("target.url is not set".to_owned()))
+    }
+
+    async fn take_snapshot(&self, agent: &AgentClient, record: &mut MigrationRecord) -> Result<(), StepError> {
+        // Slots left by earlier attempts hold WAL and have no usable
+        // snapshot (nor has this attempt's, if a crash came between its
+        // creation and the journal): drop them first.
+        let mut doomed = record.stale_slots.clone();
+        doomed.push(record.slot.clone());
+        for slot in doomed {
+            agent
+                .clone()
+                .drop_replication(wire::DropReplicationRequest {
+                    slot: slot.clone(),
+                    publication: String::new(),
+                })
+                .await
+                .map_err(|s| StepError::Failed(format!("cannot drop the old slot {slot}: {}", s.message())))?;
+        }
+        record.stale_slots.clear();
+        let created = agent
+            .clone()
+            .create_snapshot(wire::CreateSnapshotRequest {
+                slot: record.slot.clone(),
+                publication: record.publication.clone(),
+                tables: record.publication_tables.iter().cloned().map(name_to_wire).collect(),
+            })
+            .await
+            .map_err(|s| StepError::Failed(s.message().to_owned()))?
+            .into_inner();
+        tracing::info!(slot = %created.slot, snapshot = %created.snapshot, lsn = %created.consistent_lsn, "snapshot taken");
+        record.snapshot = Some(SnapshotRecord {
+            name: created.snapshot,
+            consistent_lsn: created.consistent_lsn,
+        });
+        record.phase = if record.pre_data_applied {
+            Phase::Copy
+        } else {
+            Phase::SchemaPreData
+        };
+        self.save(record).await
+    }
+
+    fn snapshot_name(record: &MigrationRecord) -> Result<String, StepError> {
+        record
+            .snapshot
+            .as_ref()
+            .map(|s| s.name.clone())
+            .ok_or(StepError::SnapshotLost)
+    }
+
+    async fn ensure_snapshot(&self, agent: &AgentClient, record: &MigrationRecord) -> Result<String, StepError> {
+        let snapshot = Self::snapshot_name(record)?;
+        let held = agent
+            .clone()
+            .snapshot_status(wire::SnapshotStatusRequest {
+                snapshot: snapshot.clone(),
+            })
+            .await
+            .map_err(|s| StepError::Failed(s.message().to_owned()))?
+            .into_inner()
+            .held;
+        if held {
+            Ok(snapshot)
+        } else {
+            Err(StepError::SnapshotLost)
+        }
+    }
+
+    async fn apply_pre_data(&self, agent: &AgentClient, record: &mut MigrationRecord) -> Result<(), StepError> {
+        let snapshot = self.ensure_snapshot(agent, record).await?;
+        let target = self.target_db()?;
+        // Post-data is dumped now, in the same snapshot, and kept: applying
+        // it later must not need the snapshot.
+        let post_data = schema::dump(agent, &snapshot, "post-data", &record.dump_exclude).await?;
+        let pre_data = schema::dump(agent, &snapshot, "pre-data", &record.dump_exclude).await?;
+        schema::apply(target, &pre_data).await?;
+        record.post_data = post_data.into_iter().map(|s| s.text).collect();
+        record.pre_data_applied = true;
+        record.phase = Phase::Copy;
+        self.save(record).await
+    }
+
+    async fn copy(&self, agent: &AgentClient, record: &mut MigrationRecord) -> Result<(), StepError> {
+        let snapshot = self.ensure_snapshot(agent, record).await?;
+        let target = self.target_db()?.clone();
+        let pending: Vec<TableRecord> = self
+            .table_records()?
+            .into_iter()
+            .filter(|t| !t.state.is_done())
+            .collect();
+        let parallel = record.parallel.max(1) as usize;
+        self.lock_progress().tables.clear();
+        tracing::info!(tables = pending.len(), parallel, "copying");
+
+        // Units of work: a whole table, or one page range of a split table.
+        // A split table is emptied once, up front, since its ranges commit
+        // separately; an unsplit one is emptied inside its copy.
+        let mut units = Vec::new();
+        let mut runs = BTreeMap::new();
+        for mut table in pending {
+            table.state = TableState::Copying;
+            table.copy_attempts += 1;
+            table.rows = 0;
+            table.bytes = 0;
+            self.save_table(&table).await?;
+            if table.ranges.len() > 1 {
+                transfer::truncate(&target, std::slice::from_ref(&table.name))
+                    .await
+                    .map_err(StepError::Failed)?;
+                units.extend(table.ranges.iter().map(|r| (table.name.clone(), Some(*r))));
+            } else {
+                units.push((table.name.clone(), None));
+            }
+            let remaining = table.ranges.len().max(1);
+            runs.insert(
+                table.name.clone(),
+                TableRun {
+                    record: table,
+                    remaining,
+                    started: Instant::now(),
+                },
+            );
+        }
+        let runs = Mutex::new(runs);
+        let verify = record.verify;
+        // The first failure ends the step: dropping the stream cancels the
+        // units still running (their target transactions roll back).
+        let mut results = futures_util::stream::iter(units)
+            .map(|(name, range)| {
+                let (agent, target, snapshot, runs) = (agent.clone(), target.clone(), snapshot.clone(), &runs);
+                async move {
+                    self.copy_unit(&agent, &target, &snapshot, runs, name, range, verify)
+                        .await
+                }
+            })
+            .buffer_unordered(parallel);
+        while let Some(result) = results.next().await {
+            result?;
+        }
+        drop(results);
+        record.phase = Phase::SchemaPostData;
+        self.save(record).await
+    }
+
+    /// Copies one unit; the last unit of a table records the table copied
+    /// and, when asked, proves it exact against the snapshot.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_unit(
+        &self,
+        agent: &AgentClient,
+        target: &Database,
+        snapshot: &str,
+        runs: &Mutex<BTreeMap<QualifiedName, TableRun>>,
+        name: QualifiedName,
+        range: Option<PageRange>,
+        verify: bool,
+    ) -> Result<(), StepError> {
+        let columns = lock(runs)
+            .get(&name)
+            .map(|r| r.record.columns.clone())
+            .unwrap_or_default();
+        let progress = |rows: u64, bytes: u64| {
+            let mut live = self.lock_progress();
+            let entry = live.tables.entry(name.clone()).or_default();
+            entry.0 += rows;
+            entry.1 += bytes;
+        };
+        let copied = transfer::copy_table(agent, target, snapshot, &name, &columns, range, &progress).await;
+        let (rows, bytes) = match copied {
+            Ok(figures) => figures,
+            Err(e) => return Err(self.classify(agent, snapshot, e).await),
+        };
+        let finished = {
+            let mut runs = lock(runs);
+            let run = runs.get_mut(&name).expect("every unit belongs to a run");
+            run.record.rows += rows;
+            run.record.bytes += bytes;
+            run.remaining -= 1;
+            (run.remaining == 0).then(|| {
+                let mut table = run.record.clone();
+                table.copy_seconds = run.started.elapsed().as_secs_f64();
+                table.state = TableState::Copied;
+                table
+            })
+        };
+        let Some(mut table) = finished else {
+            return Ok(());
+        };
+        self.lock_progress().tables.remove(&name);
+        self.save_table(&table).await?;
+        if verify {
+            let check = transfer::compare(agent, target, snapshot, &table.name, &table.columns).await;
+            match check {
+                Ok(check) if check.matches() => {
+                    table.state = TableState::Verified;
+                    self.save_table(&table).await?;
+                }
+                Ok(check) => {
+                    table.state = TableState::Failed;
+                    self.save_table(&table).await?;
+                    return Err(StepError::Failed(format!(
+                        "verification of {} failed right after its copy: source {} rows (checksum {}), target {} rows (checksum {})",
+                        table.name, check.source.0, check.source.1, check.target.0, check.target.1
+                    )));
+                }
+                Err(e) => return Err(self.classify(agent, snapshot, e).await),
+            }
+        }
+        tracing::info!(table = %table.name, rows = table.rows, bytes = table.bytes, seconds = table.copy_seconds, "table copied");
+        Ok(())
+    }
+
+    /// A failed stream may mean the snapshot is gone (the agent died):
+    /// ask, when the agent is there to answer.
+    async fn classify(&self, agent: &AgentClient, snapshot: &str, error: String) -> StepError {
+        let held = agent
+            .clone()
+            .snapshot_status(wire::SnapshotStatusRequest {
+                snapshot: snapshot.to_owned(),
+            })
+            .await;
+        match held {
+            Ok(response) if response.get_ref().held => StepError::Failed(error),
+            // Not held, or the agent is not answering (the link dropped,
+            // most likely because it died): the snapshot cannot be trusted.
+            _ => StepError::SnapshotLost,
+        }
+    }
+
+    async fn restart_copy(&self, record: &mut MigrationRecord) -> Result<(), StepError> {
+        let lost = record.snapshot.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+        let event = format!(
+            "the agent lost snapshot {lost} (its process restarted or its source connection broke): \
+             the copy restarts from a new slot and snapshot"
+        );
+        tracing::warn!("{event}");
+        record.events.push(event);
+        record.copy_restarts += 1;
+        let tables = self.table_records()?;
+        let copied: Vec<QualifiedName> = tables
+            .iter()
+            .filter(|t| t.state != TableState::Pending)
+            .map(|t| t.name.clone())
+            .collect();
+        if !copied.is_empty() {
+            transfer::truncate(self.target_db()?, &copied)
+                .await
+                .map_err(StepError::Failed)?;
+        }
+        for mut table in tables {
+            table.state = TableState::Pending;
+            table.rows = 0;
+            table.bytes = 0;
+            self.save_table(&table).await?;
+        }
+        record.snapshot = None;
+        record.stale_slots.push(record.slot.clone());
+        record.slot = slot_name(&record.id, record.copy_restarts);
+        record.phase = Phase::Snapshot;
+        // The agent may not be back yet: the next step waits for it, then
+        // drops the stale slot before making the new one.
+        self.save(record).await
+    }
+
+    async fn apply_post_data(&self, record: &mut MigrationRecord) -> Result<(), StepError> {
+        let target = self.target_db()?;
+        while record.post_data_applied < record.post_data.len() {
+            let statement = &record.post_data[record.post_data_applied];
+            schema::execute(target, statement, record.post_data_applied).await?;
+            record.post_data_applied += 1;
+            self.save(record).await?;
+        }
+        schema::refresh_materialized_views(target, &record.materialized_views).await?;
+        record.phase = Phase::ReleaseSnapshot;
+        self.save(record).await
+    }
+
+    async fn release_snapshot(&self, agent: &AgentClient, record: &mut MigrationRecord) -> Result<(), StepError> {
+        if let Some(snapshot) = &record.snapshot {
+            agent
+                .clone()
+                .release_snapshot(wire::ReleaseSnapshotRequest {
+                    snapshot: snapshot.name.clone(),
+                })
+                .await
+                .map_err(|s| StepError::Failed(s.message().to_owned()))?;
+        }
+        record.phase = Phase::Copied;
+        tracing::info!(migration = %record.id, "initial copy complete");
+        self.save(record).await
+    }
+}

@@ -1,0 +1,159 @@
+//! Table data into the target: each table (or page range) streamed from
+//! the agent in zstd chunks straight into `COPY ... FROM STDIN`, inside one
+//! target transaction that empties the table first, so a copy is all or
+//! nothing and copying again never duplicates rows. Also the checksums
+//! that prove a copy exact.
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt, pin_mut};
+use walbridge_daemon::pg::Database;
+use walbridge_migration::copy::{self, SESSION_SETTINGS};
+use walbridge_migration::ident::QualifiedName;
+use walbridge_proto::convert::name_to_wire;
+use walbridge_proto::v1 as wire;
+
+use crate::migration::APPLICATION_NAME;
+use crate::registry::AgentClient;
+
+pub fn db_message(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => error.to_string(),
+    }
+}
+
+pub fn decompress(chunk: &wire::DataChunk) -> Result<Vec<u8>, String> {
+    // raw_len bounds the allocation; a chunk is at most a few hundred kB.
+    let capacity = usize::try_from(chunk.raw_len).map_err(|_| "chunk too large".to_owned())?;
+    zstd::bulk::decompress(&chunk.data, capacity).map_err(|e| format!("a corrupt chunk arrived: {e}"))
+}
+
+async fn session(target: &Database) -> Result<tokio_postgres::Client, String> {
+    let client = target
+        .connect(APPLICATION_NAME)
+        .await
+        .map_err(|e| format!("cannot reach the target: {e}"))?;
+    client
+        .batch_execute(SESSION_SETTINGS)
+        .await
+        .map_err(|e| format!("cannot prepare the target session: {}", db_message(&e)))?;
+    Ok(client)
+}
+
+/// Copies one table, or one page range of it; returns (rows, raw bytes).
+/// `progress` hears the increments as they arrive. A whole table is
+/// emptied inside the copy's own transaction: a copy that committed just
+/// before a crash, but was not yet journaled, is replaced, not doubled.
+pub async fn copy_table(
+    agent: &AgentClient,
+    target: &Database,
+    snapshot: &str,
+    table: &QualifiedName,
+    columns: &[String],
+    range: Option<copy::PageRange>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<(u64, u64), String> {
+    let client = session(target).await?;
+    let begin = match range {
+        None => format!("BEGIN; TRUNCATE ONLY {}", table.quoted()),
+        Some(_) => "BEGIN".to_owned(),
+    };
+    client
+        .batch_execute(&begin)
+        .await
+        .map_err(|e| format!("cannot empty {table} on the target: {}", db_message(&e)))?;
+    let mut stream = agent
+        .clone()
+        .copy_table(wire::CopyTableRequest {
+            snapshot: snapshot.to_owned(),
+            table: Some(name_to_wire(table.clone())),
+            columns: columns.to_vec(),
+            first_page: range.map_or(0, |r| r.first_page),
+            end_page: range.map_or(0, |r| r.end_page),
+        })
+        .await
+        .map_err(|s| format!("copy of {table} failed on the source: {}", s.message()))?
+        .into_inner();
+    let sink = client
+        .copy_in::<_, Bytes>(&copy::copy_in(table, columns))
+        .await
+        .map_err(|e| format!("COPY into {table} failed on the target: {}", db_message(&e)))?;
+    pin_mut!(sink);
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|s| format!("copy of {table} failed: {}", s.message()))?;
+        let raw = decompress(&chunk)?;
+        bytes += raw.len() as u64;
+        progress(0, raw.len() as u64);
+        sink.send(Bytes::from(raw))
+            .await
+            .map_err(|e| format!("COPY into {table} failed on the target: {}", db_message(&e)))?;
+    }
+    let rows = sink
+        .finish()
+        .await
+        .map_err(|e| format!("COPY into {table} failed on the target: {}", db_message(&e)))?;
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(|e| format!("commit of {table} failed on the target: {}", db_message(&e)))?;
+    progress(rows, 0);
+    Ok((rows, bytes))
+}
+
+/// Row counts and checksums of one table on both sides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Comparison {
+    pub source: (u64, String),
+    pub target: (u64, String),
+}
+
+impl Comparison {
+    pub fn matches(&self) -> bool {
+        self.source == self.target
+    }
+}
+
+/// Compares one table: the source read in `snapshot` (or a fresh snapshot
+/// when empty), the target as committed.
+pub async fn compare(
+    agent: &AgentClient,
+    target: &Database,
+    snapshot: &str,
+    table: &QualifiedName,
+    columns: &[String],
+) -> Result<Comparison, String> {
+    let mut agent = agent.clone();
+    let source = agent.checksum(wire::ChecksumRequest {
+        snapshot: snapshot.to_owned(),
+        table: Some(name_to_wire(table.clone())),
+        columns: columns.to_vec(),
+    });
+    let target = async {
+        let client = session(target).await?;
+        let row = client
+            .query_one(&copy::checksum(table, columns), &[])
+            .await
+            .map_err(|e| format!("checksum of {table} failed on the target: {}", db_message(&e)))?;
+        Ok::<_, String>((row.get::<_, i64>(0) as u64, row.get::<_, String>(1)))
+    };
+    let (source, target) = tokio::join!(source, target);
+    let source = source
+        .map_err(|s| format!("checksum of {table} failed on the source: {}", s.message()))?
+        .into_inner();
+    Ok(Comparison {
+        source: (source.rows, source.checksum),
+        target: target?,
+    })
+}
+
+/// Empties tables on the target (all in one statement: they may refer to
+/// one another).
+pub async fn truncate(target: &Database, tables: &[QualifiedName]) -> Result<(), String> {
+    let client = session(target).await?;
+    let list = tables.iter().map(QualifiedName::quoted).collect::<Vec<_>>().join(", ");
+    client
+        .batch_execute(&format!("TRUNCATE ONLY {list}"))
+        .await
+        .map_err(|e| format!("cannot empty the copied tables on the target: {}", db_message(&e)))
+}

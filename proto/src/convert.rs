@@ -1,0 +1,60 @@
+//! Conversions between wire types and the migration's domain types, in
+//! one place for both ends of every call.
+
+use walbridge_migration::finding::{Finding, Severity, Side};
+use walbridge_migration::ident::QualifiedName;
+
+use crate::v1 as wire;
+
+pub fn name_from_wire(name: wire::TableName) -> QualifiedName {
+    QualifiedName::new(name.schema, name.name)
+}
+
+pub fn name_to_wire(name: QualifiedName) -> wire::TableName {
+    wire::TableName {
+        schema: name.schema,
+        name: name.name,
+    }
+}
+
+impl From<Finding> for wire::Finding {
+    fn from(finding: Finding) -> Self {
+        wire::Finding {
+            severity: match finding.severity {
+                Severity::Error => "error",
+                Severity::Warning => "warning",
+            }
+            .to_owned(),
+            side: match finding.side {
+                Side::Source => "source",
+                Side::Target => "target",
+            }
+            .to_owned(),
+            check: finding.check,
+            object: finding.object,
+            message: finding.message,
+            fix: finding.fix,
+        }
+    }
+}
+
+impl From<wire::Finding> for Finding {
+    fn from(finding: wire::Finding) -> Self {
+        Finding {
+            severity: if finding.severity == "warning" {
+                Severity::Warning
+            } else {
+                Severity::Error
+            },
+            side: if finding.side == "target" {
+                Side::Target
+            } else {
+                Side::Source
+            },
+            check: finding.check,
+            object: finding.object,
+            message: finding.message,
+            fix: finding.fix,
+        }
+    }
+}
