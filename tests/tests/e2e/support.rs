@@ -216,6 +216,13 @@ impl Migration {
         json
     }
 
+    /// `status --json`, or `None` while the controller is not answering
+    /// (e.g. just restarted).
+    pub fn try_status(&self) -> Option<Value> {
+        let (code, json, _) = self.cli_json(&["status", "--json"]);
+        (code == Some(0)).then_some(json)
+    }
+
     /// Starts the migration without waiting for it (the CLI follows it in
     /// the background; the test polls `status`).
     pub fn start_in_background(&self, extra: &[&str]) -> std::process::Child {
@@ -232,7 +239,7 @@ impl Migration {
     /// Waits for the migration to reach `phase`, failing fast if it fails.
     pub fn wait_for_phase(&self, phase: &str, timeout: Duration) -> Value {
         harness::daemons::eventually(timeout, &format!("phase {phase}"), || {
-            let status = self.status();
+            let status = self.try_status()?;
             assert!(
                 status["phase"] != "failed" || phase == "failed",
                 "the migration failed: {status}"
