@@ -146,11 +146,13 @@ impl Install {
 /// A source and a target cluster with a controller and an agent between
 /// them: everything `walbridge start` needs.
 pub struct Migration {
+    // Fields drop in this order: the daemons first (printing their logs
+    // when a test failed), the folder holding those logs last.
+    pub controller: Daemon,
+    pub agent: Daemon,
     pub source: harness::Cluster,
     pub target: harness::Cluster,
     pub install: Install,
-    pub controller: Daemon,
-    pub agent: Daemon,
 }
 
 pub const DATABASE: &str = "app";
