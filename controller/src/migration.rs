@@ -285,6 +285,10 @@ impl Migrations {
             Err(e) => {
                 tracing::error!(error = %e, "the migration failed");
                 if let Ok(Some(mut record)) = self.current() {
+                    // Cleaned first, recorded failed after: whoever sees
+                    // the failure sees a source that is no longer held.
+                    let event = self.release_source(&record).await;
+                    record.events.push(event);
                     record.phase = Phase::Failed;
                     record.error = Some(e.to_string());
                     if let Err(e) = self.records.put(CURRENT, &record).await {
@@ -292,6 +296,55 @@ impl Migrations {
                     }
                 }
             }
+        }
+    }
+
+    /// After a failure, nothing may keep holding the source back: the
+    /// snapshot (it blocks vacuum) is released and the slots (they retain
+    /// WAL) and the publication are dropped. Says what was done.
+    async fn release_source(&self, record: &MigrationRecord) -> String {
+        let Some(agent) = self.registry.get(&record.agent) else {
+            return format!(
+                "agent {} is not connected: its snapshot dies with its link, but slot {} and publication {} \
+                 may remain on the source",
+                record.agent, record.slot, record.publication
+            );
+        };
+        let mut client = agent.client;
+        if let Some(snapshot) = &record.snapshot {
+            let _ = client
+                .release_snapshot(wire::ReleaseSnapshotRequest {
+                    snapshot: snapshot.name.clone(),
+                })
+                .await;
+        }
+        let mut slots = record.stale_slots.clone();
+        slots.push(record.slot.clone());
+        let mut problems = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            let publication = if i + 1 == slots.len() {
+                record.publication.clone()
+            } else {
+                String::new()
+            };
+            if let Err(status) = client
+                .drop_replication(wire::DropReplicationRequest {
+                    slot: slot.clone(),
+                    publication,
+                })
+                .await
+            {
+                problems.push(format!("{slot}: {}", status.message()));
+            }
+        }
+        if problems.is_empty() {
+            format!(
+                "after the failure, slot {} and publication {} were dropped from the source; the target keeps \
+                 what the migration created there",
+                record.slot, record.publication
+            )
+        } else {
+            format!("after the failure, cleaning the source failed: {}", problems.join("; "))
         }
     }
 

@@ -351,3 +351,48 @@ fn a_source_without_logical_wal_is_refused_and_nothing_is_created() {
     assert!(stderr.contains("wal_level"), "{stderr}");
     assert_nothing_created(&m, "0");
 }
+
+#[test]
+fn a_schema_statement_the_target_rejects_stops_the_migration_and_is_reported() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(
+        source,
+        "CREATE TYPE mood AS ENUM ('happy', 'sad'); CREATE TABLE people (id int PRIMARY KEY, m mood);",
+    );
+    // Not a table, so preflight lets it pass; the schema step meets it.
+    m.target.psql(DATABASE, "CREATE TYPE mood AS (a int)");
+    let out = m.cli(&["start", "--agent", "east"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the target rejected a schema statement"), "{stderr}");
+    assert!(
+        stderr.contains("CREATE TYPE public.mood AS ENUM"),
+        "the statement is shown: {stderr}"
+    );
+    assert!(
+        stderr.contains("already exists"),
+        "the target's error is shown: {stderr}"
+    );
+    let status = m.status();
+    assert_eq!(status["phase"], "failed");
+    // A failed migration holds nothing on the source: no snapshot, slot
+    // or publication.
+    assert_eq!(
+        m.source_replication_objects(),
+        (String::new(), String::new()),
+        "{status}"
+    );
+    assert_eq!(
+        m.source.psql(
+            DATABASE,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'"
+        ),
+        "0"
+    );
+    assert_eq!(
+        m.target
+            .psql(DATABASE, "SELECT count(*) FROM pg_tables WHERE tablename = 'people'"),
+        "0",
+        "nothing after the rejected statement ran"
+    );
+}
