@@ -163,6 +163,7 @@ struct TableView {
     rows_per_second: f64,
     copy_attempts: u32,
     ranges: u32,
+    wire_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -197,6 +198,7 @@ impl From<&wire::StatusResponse> for StatusView {
                     copy_seconds: t.copy_seconds,
                     copy_attempts: t.copy_attempts,
                     ranges: t.ranges,
+                    wire_bytes: t.wire_bytes,
                     rows_per_second: if t.copy_seconds > 0.0 {
                         t.rows as f64 / t.copy_seconds
                     } else {

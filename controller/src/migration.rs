@@ -153,6 +153,9 @@ pub struct TableRecord {
     pub state: TableState,
     pub rows: u64,
     pub bytes: u64,
+    /// Bytes that crossed the link for it (compressed).
+    #[serde(default)]
+    pub wire_bytes: u64,
     pub copy_seconds: f64,
     /// How many times this table's copy was started (the status and the
     /// tests use it to show a finished table is not copied again).
@@ -358,6 +361,7 @@ impl Migrations {
             }
             let span = tracing::info_span!("step", migration = %record.id, phase = record.phase.name());
             let agent = self.wait_for_agent(&record.agent, &shutdown).await?;
+            let phase = record.phase.name();
             let step = async {
                 match record.phase {
                     Phase::Snapshot => self.take_snapshot(&agent, &mut record).await,
@@ -368,12 +372,13 @@ impl Migrations {
                     Phase::Copied | Phase::Failed => Ok(()),
                 }
             };
+            let started = Instant::now();
             let outcome = tokio::select! {
                 outcome = tracing::Instrument::instrument(step, span) => outcome,
                 _ = shutdown.cancelled() => Err(StepError::Stopped),
             };
             match outcome {
-                Ok(()) => {}
+                Ok(()) => tracing::info!(phase, seconds = started.elapsed().as_secs_f64(), "step done"),
                 Err(StepError::SnapshotLost) => self.restart_copy(&mut record).await?,
                 Err(e) => return Err(e),
             }
@@ -524,6 +529,7 @@ impl Migrations {
             table.copy_attempts += 1;
             table.rows = 0;
             table.bytes = 0;
+            table.wire_bytes = 0;
             self.save_table(&table).await?;
             if table.ranges.len() > 1 {
                 transfer::truncate(&target, std::slice::from_ref(&table.name))
@@ -588,15 +594,16 @@ impl Migrations {
             entry.1 += bytes;
         };
         let copied = transfer::copy_table(agent, target, snapshot, &name, &columns, range, &progress).await;
-        let (rows, bytes) = match copied {
-            Ok(figures) => figures,
+        let copied = match copied {
+            Ok(copied) => copied,
             Err(e) => return Err(self.classify(agent, snapshot, e).await),
         };
         let finished = {
             let mut runs = lock(runs);
             let run = runs.get_mut(&name).expect("every unit belongs to a run");
-            run.record.rows += rows;
-            run.record.bytes += bytes;
+            run.record.rows += copied.rows;
+            run.record.bytes += copied.bytes;
+            run.record.wire_bytes += copied.wire_bytes;
             run.remaining -= 1;
             (run.remaining == 0).then(|| {
                 let mut table = run.record.clone();
@@ -684,6 +691,7 @@ impl Migrations {
             table.state = TableState::Pending;
             table.rows = 0;
             table.bytes = 0;
+            table.wire_bytes = 0;
             self.save_table(&table).await?;
         }
         record.snapshot = None;

@@ -214,6 +214,7 @@ pub fn status(migrations: &Migrations) -> Result<wire::StatusResponse, Status> {
                 copy_seconds: t.copy_seconds,
                 copy_attempts: t.copy_attempts,
                 ranges: t.ranges.len() as u32,
+                wire_bytes: t.wire_bytes,
             }
         })
         .collect();

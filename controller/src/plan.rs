@@ -89,6 +89,7 @@ pub fn plan(catalog: Vec<wire::SourceTable>, selection: &Selection, split_bytes:
                 state: TableState::Pending,
                 rows: 0,
                 bytes: 0,
+                wire_bytes: 0,
                 copy_seconds: 0.0,
                 copy_attempts: 0,
             }

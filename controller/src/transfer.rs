@@ -40,7 +40,17 @@ async fn session(target: &Database) -> Result<tokio_postgres::Client, String> {
     Ok(client)
 }
 
-/// Copies one table, or one page range of it; returns (rows, raw bytes).
+/// What one copy moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Copied {
+    pub rows: u64,
+    /// Bytes of COPY text, as the tables hold them.
+    pub bytes: u64,
+    /// Bytes that crossed the link (zstd-compressed).
+    pub wire_bytes: u64,
+}
+
+/// Copies one table, or one page range of it.
 /// `progress` hears the increments as they arrive. A whole table is
 /// emptied inside the copy's own transaction: a copy that committed just
 /// before a crash, but was not yet journaled, is replaced, not doubled.
@@ -52,7 +62,7 @@ pub async fn copy_table(
     columns: &[String],
     range: Option<copy::PageRange>,
     progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<(u64, u64), String> {
+) -> Result<Copied, String> {
     let client = session(target).await?;
     let begin = match range {
         None => format!("BEGIN; TRUNCATE ONLY {}", table.quoted()),
@@ -79,11 +89,12 @@ pub async fn copy_table(
         .await
         .map_err(|e| format!("COPY into {table} failed on the target: {}", db_message(&e)))?;
     pin_mut!(sink);
-    let mut bytes = 0u64;
+    let (mut bytes, mut wire_bytes) = (0u64, 0u64);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|s| format!("copy of {table} failed: {}", s.message()))?;
         let raw = decompress(&chunk)?;
         bytes += raw.len() as u64;
+        wire_bytes += chunk.data.len() as u64;
         progress(0, raw.len() as u64);
         sink.send(Bytes::from(raw))
             .await
@@ -98,7 +109,11 @@ pub async fn copy_table(
         .await
         .map_err(|e| format!("commit of {table} failed on the target: {}", db_message(&e)))?;
     progress(rows, 0);
-    Ok((rows, bytes))
+    Ok(Copied {
+        rows,
+        bytes,
+        wire_bytes,
+    })
 }
 
 /// Row counts and checksums of one table on both sides.
