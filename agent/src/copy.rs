@@ -64,12 +64,7 @@ pub async fn snapshot_session(source: &Database, snapshot: &str) -> Result<Clien
     Ok(client)
 }
 
-pub fn db_message(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => db.message().to_owned(),
-        None => error.to_string(),
-    }
-}
+pub use walbridge_daemon::pg::db_message;
 
 /// Streams `COPY ... TO STDOUT` of one table (or page range) to `out`.
 pub async fn copy_table(

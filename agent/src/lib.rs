@@ -11,18 +11,24 @@
 //! * [`copy`]: schema and table streams, checksums.
 //! * [`preflight`]: the source-side checks.
 //! * [`replication`]: the replication-protocol connection.
+//! * [`tunnel`]: the subscription's byte streams to the source.
+//! * [`streaming`]: slot lag, sequences, the subscription's connection.
+//! * [`fence`]: the cutover's write fence.
 //!
 //! **Architecture invariant**: only the agent connects to the source.
 
 pub mod catalog;
 pub mod config;
 pub mod copy;
+pub mod fence;
 pub mod link;
 pub mod preflight;
 pub mod replication;
 pub mod service;
 pub mod snapshot;
 pub mod source;
+pub mod streaming;
+pub mod tunnel;
 
 use std::sync::Arc;
 

@@ -307,6 +307,93 @@ impl AgentService for Agent {
             dropped_publication,
         }))
     }
+
+    type TunnelStream = crate::tunnel::TunnelStream;
+
+    async fn tunnel(
+        &self,
+        request: Request<tonic::Streaming<wire::TunnelData>>,
+    ) -> Result<Response<Self::TunnelStream>, Status> {
+        let span = self.span("tunnel", &request);
+        let address = crate::tunnel::SourceAddress::of(&self.state.source).map_err(Status::failed_precondition)?;
+        let stream = crate::tunnel::open(&address, request.into_inner(), &self.state.tasks)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn subscription_connection(
+        &self,
+        request: Request<wire::SubscriptionConnectionRequest>,
+    ) -> Result<Response<wire::SubscriptionConnectionResponse>, Status> {
+        let span = self.span("subscription_connection", &request);
+        let status = source::probe(&self.state.source).instrument(span).await;
+        if let Some(problem) = status.unreachable {
+            return Err(Status::unavailable(format!("cannot reach the source: {problem}")));
+        }
+        Ok(Response::new(crate::streaming::subscription_connection(
+            &self.state.source,
+            status.server_version_num,
+        )))
+    }
+
+    async fn slot_status(
+        &self,
+        request: Request<wire::SlotStatusRequest>,
+    ) -> Result<Response<wire::SlotStatusResponse>, Status> {
+        let span = self.span("slot_status", &request);
+        async {
+            let client = self.source_client().await?;
+            let status = crate::streaming::slot_status(&client, &request.get_ref().slot)
+                .await
+                .map_err(|e| Status::internal(format!("reading the slot failed: {}", copy::db_message(&e))))?;
+            Ok(Response::new(status))
+        }
+        .instrument(span)
+        .await
+    }
+
+    type FenceStream = ReceiverStream<Result<wire::FenceEvent, Status>>;
+
+    async fn fence(
+        &self,
+        request: Request<tonic::Streaming<wire::FenceCommand>>,
+    ) -> Result<Response<Self::FenceStream>, Status> {
+        let span = self.span("fence", &request);
+        let (events, stream) = tokio::sync::mpsc::channel(4);
+        self.state
+            .tasks
+            .spawn(crate::fence::run(self.state.source.clone(), request.into_inner(), events).instrument(span));
+        Ok(Response::new(ReceiverStream::new(stream)))
+    }
+
+    async fn sequences(
+        &self,
+        request: Request<wire::SequencesRequest>,
+    ) -> Result<Response<wire::SequencesResponse>, Status> {
+        let span = self.span("sequences", &request);
+        async {
+            let client = self.source_client().await?;
+            let sequences = crate::streaming::sequences(&client)
+                .await
+                .map_err(|e| Status::internal(format!("reading sequences failed: {}", copy::db_message(&e))))?;
+            Ok(Response::new(wire::SequencesResponse { sequences }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn release_fence(
+        &self,
+        request: Request<wire::ReleaseFenceRequest>,
+    ) -> Result<Response<wire::ReleaseFenceResponse>, Status> {
+        let span = self.span("release_fence", &request);
+        let tables = crate::fence::release(&self.state.source).instrument(span).await?;
+        if tables > 0 {
+            tracing::warn!(migration = %request.get_ref().migration, tables, "the write fence is released: the source accepts writes");
+        }
+        Ok(Response::new(wire::ReleaseFenceResponse { tables }))
+    }
 }
 
 async fn pg_dump_version(pg_dump: &str) -> Option<String> {

@@ -125,6 +125,15 @@ impl Database {
     }
 }
 
+/// What a database error says: the server's own message when there is one
+/// (never the statement, which may carry a password).
+pub fn db_message(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => error.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

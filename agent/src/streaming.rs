@@ -1,0 +1,85 @@
+//! What the controller asks of the source once the copy is done: how far
+//! the slot is behind, the sequences' values, how the subscription
+//! reaches the source.
+
+use tokio_postgres::Client;
+use tokio_postgres::config::Host;
+use walbridge_daemon::pg::Database;
+use walbridge_migration::ident::QualifiedName;
+use walbridge_proto::convert::name_to_wire;
+use walbridge_proto::v1 as wire;
+
+pub async fn slot_status(client: &Client, slot: &str) -> Result<wire::SlotStatusResponse, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT pg_current_wal_lsn()::text, coalesce(s.confirmed_flush_lsn::text, ''), s.active, \
+                    greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn), 0)::int8, \
+                    greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn), 0)::int8, \
+                    coalesce(extract(epoch FROM r.replay_lag), 0)::float8 \
+             FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             WHERE s.slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(match row {
+        None => wire::SlotStatusResponse::default(),
+        Some(row) => wire::SlotStatusResponse {
+            exists: true,
+            current_lsn: row.get(0),
+            confirmed_flush_lsn: row.get(1),
+            active: row.get(2),
+            lag_bytes: row.get::<_, Option<i64>>(3).unwrap_or_default() as u64,
+            retained_wal_bytes: row.get::<_, Option<i64>>(4).unwrap_or_default() as u64,
+            lag_seconds: row.get(5),
+        },
+    })
+}
+
+/// Every user sequence with its state (`last_value`, `is_called`), read
+/// in one statement so the values belong to one moment.
+pub async fn sequences(client: &Client) -> Result<Vec<wire::SequenceState>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT n.nspname, c.relname, coalesce(pg_sequence_last_value(c.oid), s.seqstart), \
+                    pg_sequence_last_value(c.oid) IS NOT NULL \
+             FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| wire::SequenceState {
+            name: Some(name_to_wire(QualifiedName::new(
+                row.get::<_, String>(0),
+                row.get::<_, String>(1),
+            ))),
+            last_value: row.get(2),
+            is_called: row.get(3),
+        })
+        .collect())
+}
+
+/// The source as the agent reaches it, password included.
+pub fn subscription_connection(source: &Database, server_version_num: u32) -> wire::SubscriptionConnectionResponse {
+    let config = source.config();
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => host.clone(),
+        Some(Host::Unix(dir)) => dir.display().to_string(),
+        None => String::new(),
+    };
+    wire::SubscriptionConnectionResponse {
+        host,
+        port: config.get_ports().first().copied().unwrap_or(5432) as u32,
+        user: config.get_user().unwrap_or_default().to_owned(),
+        password: config
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default(),
+        dbname: source.database_name().to_owned(),
+        server_version_num,
+    }
+}
