@@ -48,9 +48,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Start a migration: preflight, publication, slot and snapshot, schema, parallel copy, verification.
+    /// Start a migration: preflight, publication, slot and snapshot, schema, parallel copy, verification, subscription.
     ///
-    /// Follows the migration until the initial copy is done (Ctrl-C leaves it running in the controller).
+    /// Follows the migration until it streams (or, with --copy-only, until the copy is done);
+    /// Ctrl-C leaves it running in the controller.
     Start {
         /// The agent next to the source.
         #[arg(long)]
@@ -63,12 +64,58 @@ enum Command {
         /// Do not checksum each table right after its copy.
         #[arg(long)]
         no_verify: bool,
+        /// The subscription connects to the source itself instead of through the controller's tunnel.
+        #[arg(long)]
+        direct: bool,
+        /// Stop after the initial copy: no subscription, no streaming.
+        #[arg(long)]
+        copy_only: bool,
         /// Print the final status as one JSON document.
         #[arg(long)]
         json: bool,
     },
-    /// Show the migration's phase and each table's state, rows, bytes and throughput.
+    /// Show the phase, each table's copy, and while streaming the lag, retained WAL and subscription state.
     Status {
+        /// Redraw every second, like `top`, until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch to the target: wait for lag, fence writes on the source, catch up, copy sequences, detach.
+    ///
+    /// Any failure or timeout before the subscription is detached lifts the fence, and the
+    /// source carries on as before (exit 1). After a cutover the source stays write-protected
+    /// until `release-source` or `cleanup`.
+    Cutover {
+        /// Lag to wait for before fencing (e.g. 500ms, 2s).
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+        max_lag: std::time::Duration,
+        /// Limit for the whole cutover, lag wait included (e.g. 30s, 2m).
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Check lag and sequences; fence nothing, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lift the write fence a cutover left on the source.
+    ReleaseSource {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the migration in any phase and remove its subscription, slots, publication and fence.
+    ///
+    /// The target keeps the tables and rows already copied.
+    Abort {
+        #[arg(long)]
+        json: bool,
+    },
+    /// After cutover: drop the subscription, slot, publication, leaked replication origins and the fence.
+    ///
+    /// Safe to run twice.
+    Cleanup {
         #[arg(long)]
         json: bool,
     },
@@ -156,6 +203,8 @@ fn main() -> ExitCode {
             tables,
             parallel,
             no_verify,
+            direct,
+            copy_only,
             json,
         } => with_controller(&matches, |address| async move {
             let options = migrate::StartOptions {
@@ -164,13 +213,38 @@ fn main() -> ExitCode {
                 exclude: tables.exclude,
                 parallel,
                 no_verify,
+                direct,
+                copy_only,
                 json,
             };
             migrate::start(&address, options).await
         }),
-        Command::Status { json } => {
-            with_controller(&matches, |address| async move { migrate::status(&address, json).await })
-        }
+        Command::Status { json, watch } => with_controller(&matches, |address| async move {
+            migrate::status(&address, json, watch).await
+        }),
+        Command::Cutover {
+            max_lag,
+            timeout,
+            dry_run,
+            json,
+        } => with_controller(&matches, |address| async move {
+            let options = migrate::CutoverOptions {
+                max_lag,
+                timeout,
+                dry_run,
+                json,
+            };
+            migrate::cutover(&address, options).await
+        }),
+        Command::ReleaseSource { json } => with_controller(&matches, |address| async move {
+            migrate::removal(&address, migrate::Removal::ReleaseSource, json).await
+        }),
+        Command::Abort { json } => with_controller(&matches, |address| async move {
+            migrate::removal(&address, migrate::Removal::Abort, json).await
+        }),
+        Command::Cleanup { json } => with_controller(&matches, |address| async move {
+            migrate::removal(&address, migrate::Removal::Cleanup, json).await
+        }),
         Command::Verify { tables, json } => with_controller(&matches, |address| async move {
             migrate::verify(&address, &tables.tables, &tables.exclude, json).await
         }),

@@ -10,6 +10,7 @@ use crate::output::{Failure, print_json, print_table};
 
 /// How often `start` and `status --watch` ask the controller.
 const POLL: Duration = Duration::from_millis(500);
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 fn call_failed(status: tonic::Status) -> Failure {
     match status.code() {
@@ -100,6 +101,8 @@ pub struct StartOptions {
     pub exclude: Vec<String>,
     pub parallel: u32,
     pub no_verify: bool,
+    pub direct: bool,
+    pub copy_only: bool,
     pub json: bool,
 }
 
@@ -112,6 +115,8 @@ pub async fn start(address: &ApiAddress, options: StartOptions) -> Result<(), Fa
             selection: selection(&options.tables, &options.exclude),
             parallel: options.parallel,
             no_verify: options.no_verify,
+            direct: options.direct,
+            copy_only: options.copy_only,
         })
         .await
         .map_err(call_failed)?
@@ -131,7 +136,7 @@ pub async fn start(address: &ApiAddress, options: StartOptions) -> Result<(), Fa
             last_phase = status.phase.clone();
         }
         match status.phase.as_str() {
-            "copied" => {
+            "copied" | "streaming" => {
                 if options.json {
                     print_json(&StatusView::from(&status));
                 } else {
@@ -177,6 +182,38 @@ struct StatusView {
     errors: Vec<String>,
     events: Vec<String>,
     copy_restarts: u32,
+    lag_bytes: u64,
+    lag_seconds: f64,
+    retained_wal_bytes: u64,
+    slot_active: bool,
+    subscription: String,
+    warnings: Vec<String>,
+    cutover: Option<CutoverView>,
+}
+
+#[derive(Debug, Serialize)]
+struct CutoverView {
+    done: bool,
+    steps: Vec<serde_json::Value>,
+    write_downtime_seconds: f64,
+    fence_lsn: String,
+    error: String,
+}
+
+impl From<&wire::CutoverResponse> for CutoverView {
+    fn from(c: &wire::CutoverResponse) -> Self {
+        CutoverView {
+            done: c.done,
+            steps: c
+                .steps
+                .iter()
+                .map(|s| serde_json::json!({"name": s.name, "seconds": s.seconds, "detail": s.detail}))
+                .collect(),
+            write_downtime_seconds: c.write_downtime_seconds,
+            fence_lsn: c.fence_lsn.clone(),
+            error: c.error.clone(),
+        }
+    }
 }
 
 impl From<&wire::StatusResponse> for StatusView {
@@ -209,6 +246,13 @@ impl From<&wire::StatusResponse> for StatusView {
             errors: status.errors.clone(),
             events: status.events.clone(),
             copy_restarts: status.copy_restarts,
+            lag_bytes: status.lag_bytes,
+            lag_seconds: status.lag_seconds,
+            retained_wal_bytes: status.retained_wal_bytes,
+            slot_active: status.slot_active,
+            subscription: status.subscription.clone(),
+            warnings: status.warnings.clone(),
+            cutover: status.cutover.as_ref().map(CutoverView::from),
         }
     }
 }
@@ -220,6 +264,19 @@ fn print_status(status: &wire::StatusResponse) {
     );
     if !status.slot.is_empty() {
         println!("slot {}  consistent at {}", status.slot, status.consistent_lsn);
+    }
+    if !status.subscription.is_empty() {
+        println!(
+            "subscription {}  lag {:.1} s / {} bytes  slot {}  WAL retained {} bytes",
+            status.subscription,
+            status.lag_seconds,
+            status.lag_bytes,
+            if status.slot_active { "active" } else { "inactive" },
+            status.retained_wal_bytes
+        );
+    }
+    if let Some(cutover) = &status.cutover {
+        print_cutover(cutover);
     }
     let view = StatusView::from(status);
     let rows: Vec<[String; 5]> = view
@@ -239,26 +296,115 @@ fn print_status(status: &wire::StatusResponse) {
     for event in &status.events {
         println!("note: {event}");
     }
+    for warning in &status.warnings {
+        println!("WARNING: {warning}");
+    }
     for error in &status.errors {
         println!("error: {error}");
     }
 }
 
-pub async fn status(address: &ApiAddress, json: bool) -> Result<(), Failure> {
+fn print_cutover(cutover: &wire::CutoverResponse) {
+    for step in &cutover.steps {
+        println!("cutover {:<10} {:>8.3} s  {}", step.name, step.seconds, step.detail);
+    }
+    if cutover.done {
+        println!(
+            "cutover done: write downtime {:.3} s (fence at {})",
+            cutover.write_downtime_seconds, cutover.fence_lsn
+        );
+    } else if !cutover.error.is_empty() {
+        println!("cutover failed: {}", cutover.error);
+    }
+}
+
+pub async fn status(address: &ApiAddress, json: bool, watch: bool) -> Result<(), Failure> {
     let mut client = connect(address).await.map_err(Failure::Operation)?;
-    let status = client
-        .status(wire::StatusRequest {})
+    loop {
+        let status = client
+            .status(wire::StatusRequest {})
+            .await
+            .map_err(call_failed)?
+            .into_inner();
+        if watch && !json {
+            // Home and clear, like `top`: the next screen replaces this one.
+            print!("\x1b[H\x1b[2J");
+        }
+        if json {
+            print_json(&StatusView::from(&status));
+        } else if status.phase == "none" {
+            println!("No migration.");
+        } else {
+            print_status(&status);
+        }
+        if !watch {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+pub struct CutoverOptions {
+    pub max_lag: std::time::Duration,
+    pub timeout: std::time::Duration,
+    pub dry_run: bool,
+    pub json: bool,
+}
+
+pub async fn cutover(address: &ApiAddress, options: CutoverOptions) -> Result<(), Failure> {
+    let mut client = connect(address).await.map_err(Failure::Operation)?;
+    let report = client
+        .cutover(wire::CutoverRequest {
+            max_lag_seconds: options.max_lag.as_secs_f64(),
+            timeout_seconds: options.timeout.as_secs_f64(),
+            dry_run: options.dry_run,
+        })
         .await
         .map_err(call_failed)?
         .into_inner();
-    if json {
-        print_json(&StatusView::from(&status));
-    } else if status.phase == "none" {
-        println!("No migration.");
+    if options.json {
+        print_json(&CutoverView::from(&report));
     } else {
-        print_status(&status);
+        print_cutover(&report);
+    }
+    if report.done || (options.dry_run && report.error.is_empty()) {
+        Ok(())
+    } else {
+        Err(Failure::Operation(format!("cutover failed: {}", report.error)))
+    }
+}
+
+/// release-source, abort and cleanup: each says what it removed.
+pub async fn removal(address: &ApiAddress, which: Removal, json: bool) -> Result<(), Failure> {
+    let mut client = connect(address).await.map_err(Failure::Operation)?;
+    let response = match which {
+        Removal::ReleaseSource => client.release_source(wire::ReleaseSourceRequest {}).await,
+        Removal::Abort => client.abort(wire::AbortRequest {}).await,
+        Removal::Cleanup => client.cleanup(wire::CleanupRequest {}).await,
+    }
+    .map_err(call_failed)?
+    .into_inner();
+    if json {
+        print_json(&serde_json::json!({ "phase": response.phase, "removed": response.removed }));
+    } else if response.removed.is_empty() {
+        println!("nothing to remove; phase {}", response.phase);
+    } else {
+        for removed in &response.removed {
+            println!("removed {removed}");
+        }
+        println!("phase {}", response.phase);
     }
     Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Removal {
+    ReleaseSource,
+    Abort,
+    Cleanup,
 }
 
 pub async fn verify(address: &ApiAddress, tables: &[String], exclude: &[String], json: bool) -> Result<(), Failure> {

@@ -92,7 +92,44 @@ impl ControllerApi for Api {
     }
 
     async fn status(&self, _request: Request<wire::StatusRequest>) -> Result<Response<wire::StatusResponse>, Status> {
-        operations::status(&self.migrations).map(Response::new)
+        operations::status(&self.migrations).await.map(Response::new)
+    }
+
+    async fn cutover(&self, request: Request<wire::CutoverRequest>) -> Result<Response<wire::CutoverResponse>, Status> {
+        let request = request.into_inner();
+        let seconds = |value: f64, what: &str| {
+            if value.is_finite() && value >= 0.0 {
+                Ok(Duration::from_secs_f64(value))
+            } else {
+                Err(Status::invalid_argument(format!(
+                    "{what} must be a duration of zero or more"
+                )))
+            }
+        };
+        let options = crate::cutover::Options {
+            max_lag: seconds(request.max_lag_seconds, "--max-lag")?,
+            timeout: seconds(request.timeout_seconds, "--timeout")?,
+            dry_run: request.dry_run,
+        };
+        crate::cutover::run(&self.migrations, options).await.map(Response::new)
+    }
+
+    async fn release_source(
+        &self,
+        _request: Request<wire::ReleaseSourceRequest>,
+    ) -> Result<Response<wire::CleanupResponse>, Status> {
+        operations::release_source(&self.migrations).await.map(Response::new)
+    }
+
+    async fn abort(&self, _request: Request<wire::AbortRequest>) -> Result<Response<wire::CleanupResponse>, Status> {
+        operations::abort(&self.migrations).await.map(Response::new)
+    }
+
+    async fn cleanup(
+        &self,
+        _request: Request<wire::CleanupRequest>,
+    ) -> Result<Response<wire::CleanupResponse>, Status> {
+        operations::cleanup(&self.migrations).await.map(Response::new)
     }
 
     async fn verify(&self, request: Request<wire::VerifyRequest>) -> Result<Response<wire::VerifyResponse>, Status> {

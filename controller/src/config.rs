@@ -14,6 +14,11 @@ pub const LISTEN_AGENTS: &str = "listen.agents";
 pub const LISTEN_API: &str = "listen.api";
 pub const TARGET_URL: &str = "target.url";
 pub const COPY_SPLIT_BYTES: &str = "copy.split_bytes";
+pub const LISTEN_TUNNEL: &str = "listen.tunnel";
+pub const TUNNEL_ADVERTISE: &str = "tunnel.advertise";
+pub const TUNNEL_MAX_CONNECTIONS: &str = "tunnel.max_connections";
+pub const TUNNEL_ALLOW: &str = "tunnel.allow";
+pub const RETAINED_WAL_WARNING: &str = "streaming.retained_wal_warning";
 
 /// Every setting the controller reads.
 pub fn settings() -> Vec<Setting> {
@@ -49,6 +54,38 @@ pub fn settings() -> Vec<Setting> {
             value_name: "BYTES",
             default: Some("268435456"),
         },
+        Setting {
+            key: LISTEN_TUNNEL,
+            help: "address the target's subscription connects to, HOST:PORT; each connection is carried through \
+                   the agent to the source (not needed with `start --direct`)",
+            value_name: "HOST:PORT",
+            default: None,
+        },
+        Setting {
+            key: TUNNEL_ADVERTISE,
+            help: "HOST:PORT the target server uses to reach the tunnel [default: listen.tunnel]",
+            value_name: "HOST:PORT",
+            default: None,
+        },
+        Setting {
+            key: TUNNEL_MAX_CONNECTIONS,
+            help: "tunnel connections open at once; more are refused",
+            value_name: "N",
+            default: Some("16"),
+        },
+        Setting {
+            key: TUNNEL_ALLOW,
+            help: "client networks that may use the tunnel, comma-separated CIDRs (e.g. 10.0.0.0/8,127.0.0.1/32) \
+                   [default: any]",
+            value_name: "CIDRS",
+            default: None,
+        },
+        Setting {
+            key: RETAINED_WAL_WARNING,
+            help: "warn (status and log) when the slot holds more WAL than this many bytes on the source",
+            value_name: "BYTES",
+            default: Some("10737418240"),
+        },
     ];
     all.extend(TLS_SETTINGS);
     all.extend(LOG_SETTINGS);
@@ -79,6 +116,69 @@ impl ApiAddress {
     }
 }
 
+/// The tunnel's settings.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    pub listen: Option<SocketAddr>,
+    /// HOST:PORT for the subscription's connection string.
+    pub advertise: Option<(String, u16)>,
+    pub max_connections: usize,
+    /// Empty: any client.
+    pub allow: Vec<ipnet::IpNet>,
+}
+
+impl TunnelConfig {
+    fn from_settings(settings: &Settings) -> Result<TunnelConfig, SettingError> {
+        let listen = settings.parse::<SocketAddr>(LISTEN_TUNNEL)?;
+        let advertise = match settings.get(TUNNEL_ADVERTISE) {
+            Some(raw) => Some(parse_host_port(TUNNEL_ADVERTISE, raw)?),
+            None => match listen {
+                Some(address) if address.ip().is_unspecified() => {
+                    return Err(SettingError::new(
+                        TUNNEL_ADVERTISE,
+                        format!("is required when listen.tunnel ({address}) listens on every address"),
+                    ));
+                }
+                Some(address) => Some((address.ip().to_string(), address.port())),
+                None => None,
+            },
+        };
+        let max_connections = settings
+            .parse::<usize>(TUNNEL_MAX_CONNECTIONS)?
+            .filter(|&n| n > 0)
+            .ok_or_else(|| SettingError::new(TUNNEL_MAX_CONNECTIONS, "must be a positive number"))?;
+        let allow = match settings.get(TUNNEL_ALLOW) {
+            None => Vec::new(),
+            Some(raw) => raw
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|cidr| {
+                    cidr.parse::<ipnet::IpNet>()
+                        .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .map_err(|_| SettingError::new(TUNNEL_ALLOW, format!("{cidr:?} is not a network (CIDR)")))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(TunnelConfig {
+            listen,
+            advertise,
+            max_connections,
+            allow,
+        })
+    }
+}
+
+fn parse_host_port(key: &str, raw: &str) -> Result<(String, u16), SettingError> {
+    let bad = || SettingError::new(key, format!("{raw:?} is not HOST:PORT"));
+    let (host, port) = raw.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port.parse().map_err(|_| bad())?))
+}
+
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
     pub data_dir: PathBuf,
@@ -86,6 +186,8 @@ pub struct ControllerConfig {
     pub listen_api: ApiAddress,
     pub target: Option<Database>,
     pub split_bytes: u64,
+    pub tunnel: TunnelConfig,
+    pub retained_wal_warning: u64,
     pub identity: Identity,
     pub log_format: LogFormat,
 }
@@ -109,8 +211,14 @@ impl ControllerConfig {
             .parse::<u64>(COPY_SPLIT_BYTES)?
             .filter(|&bytes| bytes > 0)
             .ok_or_else(|| SettingError::new(COPY_SPLIT_BYTES, "must be a positive number of bytes"))?;
+        let tunnel = TunnelConfig::from_settings(settings)?;
+        let retained_wal_warning = settings
+            .parse::<u64>(RETAINED_WAL_WARNING)?
+            .ok_or_else(|| SettingError::new(RETAINED_WAL_WARNING, "must be a number of bytes"))?;
         let identity = Identity::from_settings(settings)?;
         Ok(ControllerConfig {
+            tunnel,
+            retained_wal_warning,
             split_bytes,
             data_dir,
             listen_agents,

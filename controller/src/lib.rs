@@ -11,12 +11,16 @@
 //! * [`schema`]: pg_dump's sections applied to the target.
 //! * [`transfer`]: table data into the target; checksums.
 //! * [`preflight`]: the target-side checks.
+//! * [`subscription`]: the target's subscription.
+//! * [`tunnel`]: the subscription's connections, carried to the agent.
+//! * [`cutover`]: fence, catch up, sequences, detach.
 //!
 //! **Architecture invariant**: only the controller connects to the target;
 //! it never connects to the source (the agent does).
 
 pub mod api;
 pub mod config;
+pub mod cutover;
 pub mod link;
 pub mod migration;
 pub mod operations;
@@ -24,7 +28,9 @@ pub mod plan;
 pub mod preflight;
 pub mod registry;
 pub mod schema;
+pub mod subscription;
 pub mod transfer;
+pub mod tunnel;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -37,7 +43,7 @@ use walbridge_daemon::journal::Journal;
 use walbridge_daemon::settings::SettingError;
 
 pub use config::ControllerConfig;
-use config::{ApiAddress, DATA_DIR, LISTEN_AGENTS, LISTEN_API};
+use config::{ApiAddress, DATA_DIR, LISTEN_AGENTS, LISTEN_API, LISTEN_TUNNEL};
 
 /// How long shutdown waits for tasks that own state to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -49,6 +55,7 @@ pub struct BoundController {
     config: ControllerConfig,
     journal: Journal,
     agents: std::net::TcpListener,
+    tunnel: Option<std::net::TcpListener>,
     api: ApiListener,
 }
 
@@ -66,6 +73,11 @@ impl BoundController {
         let journal =
             Journal::open(&config.data_dir.join("journal")).map_err(|e| SettingError::new(DATA_DIR, e.to_string()))?;
         let agents = bind_tcp(LISTEN_AGENTS, config.listen_agents)?;
+        let tunnel = config
+            .tunnel
+            .listen
+            .map(|address| bind_tcp(LISTEN_TUNNEL, address))
+            .transpose()?;
         let api = match &config.listen_api {
             ApiAddress::Tcp(address) => ApiListener::Tcp(bind_tcp(LISTEN_API, *address)?),
             ApiAddress::Unix(path) => ApiListener::Unix(bind_unix(path)?),
@@ -74,6 +86,7 @@ impl BoundController {
             config,
             journal,
             agents,
+            tunnel,
             api,
         })
     }
@@ -93,6 +106,7 @@ impl BoundController {
             config,
             journal,
             agents,
+            tunnel,
             api,
         } = self;
         let known = Arc::new(
@@ -120,9 +134,29 @@ impl BoundController {
             shutdown.clone(),
         ));
         let migrations = Arc::new(
-            migration::Migrations::open(&journal, registry, config.target.clone(), config.split_bytes)
-                .map_err(|e| e.to_string())?,
+            migration::Migrations::open(
+                &journal,
+                registry,
+                config.target.clone(),
+                migration::MigrationSettings {
+                    split_bytes: config.split_bytes,
+                    tunnel_advertise: config.tunnel.advertise.clone(),
+                    retained_wal_warning: config.retained_wal_warning,
+                },
+            )
+            .map_err(|e| e.to_string())?,
         );
+        if let Some(listener) = tunnel {
+            tracing::info!(tunnel = ?config.tunnel.listen, advertise = ?config.tunnel.advertise, "tunnel listening");
+            tasks.spawn(tunnel::serve(
+                into_tokio_tcp(listener)?,
+                config.tunnel.clone(),
+                migrations.clone(),
+                tasks.clone(),
+                shutdown.clone(),
+            ));
+        }
+        tasks.spawn(operations::watch_health(migrations.clone(), shutdown.clone()));
         // A migration interrupted by a restart carries on where its journal
         // says it was.
         if migrations

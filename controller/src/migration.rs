@@ -9,6 +9,12 @@
 //! | `Copy`           | each table is emptied and copied in one target transaction   |
 //! | `SchemaPostData` | its statements are recorded done one by one                  |
 //! | `ReleaseSnapshot`| releasing a snapshot that is gone is a no-op                 |
+//! | `Subscribe`      | an existing subscription of this name is kept                |
+//! | `Cutover`        | seen at startup only if a cutover was cut short: resolved    |
+//!
+//! `Streaming`, `Copied` (with `--copy-only`), `CutOver`, `Failed`,
+//! `Aborted` and `CleanedUp` are resting phases: nothing runs in them
+//! until the operator asks (cutover, cleanup, abort).
 //!
 //! If the agent loses the exported snapshot (it dies with the agent's
 //! process), the copy cannot go on against it: the old slot is dropped, the
@@ -31,7 +37,7 @@ use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
 
 use crate::registry::{AgentClient, Registry};
-use crate::{schema, transfer};
+use crate::{schema, subscription, transfer};
 
 /// How long the migration waits for its agent to (re)connect before it
 /// gives up and reports the migration failed.
@@ -50,9 +56,19 @@ pub enum Phase {
     Copy,
     SchemaPostData,
     ReleaseSnapshot,
-    /// The initial copy is done and verified; streaming comes next.
+    /// The initial copy is done and verified; with `--copy-only` the
+    /// migration rests here.
     Copied,
+    Subscribe,
+    /// The subscription applies the source's changes; cutover comes next.
+    Streaming,
+    /// A cutover is under way (the source may be fenced).
+    Cutover,
+    /// Cut over: the target stands alone, the source is fenced.
+    CutOver,
     Failed,
+    Aborted,
+    CleanedUp,
 }
 
 impl Phase {
@@ -64,12 +80,33 @@ impl Phase {
             Phase::SchemaPostData => "schema_post_data",
             Phase::ReleaseSnapshot => "release_snapshot",
             Phase::Copied => "copied",
+            Phase::Subscribe => "subscribe",
+            Phase::Streaming => "streaming",
+            Phase::Cutover => "cutover",
+            Phase::CutOver => "cut_over",
             Phase::Failed => "failed",
+            Phase::Aborted => "aborted",
+            Phase::CleanedUp => "cleaned_up",
         }
     }
 
+    /// Whether the controller has work to do in this phase on its own.
     pub fn is_running(self) -> bool {
-        !matches!(self, Phase::Copied | Phase::Failed)
+        matches!(
+            self,
+            Phase::Snapshot
+                | Phase::SchemaPreData
+                | Phase::Copy
+                | Phase::SchemaPostData
+                | Phase::ReleaseSnapshot
+                | Phase::Subscribe
+                | Phase::Cutover
+        )
+    }
+
+    /// Whether the migration is over: a new one may start.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Phase::Failed | Phase::Aborted | Phase::CleanedUp)
     }
 }
 
@@ -81,7 +118,7 @@ pub struct SnapshotRecord {
 
 /// The migration as the journal holds it (tables are kept apart, one
 /// record each, so finishing a table rewrites only that table's record).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationRecord {
     pub id: String,
     pub agent: String,
@@ -105,6 +142,43 @@ pub struct MigrationRecord {
     pub stale_slots: Vec<String>,
     pub events: Vec<String>,
     pub error: Option<String>,
+    /// The subscription connects to the source itself, not via the tunnel.
+    #[serde(default)]
+    pub direct: bool,
+    /// Stop after the copy (no subscription).
+    #[serde(default)]
+    pub copy_only: bool,
+    /// The target's subscription (named after the migration).
+    #[serde(default)]
+    pub subscription: String,
+    /// The subscription's oid on the target: its replication origin is
+    /// `pg_<oid>`, which cleanup makes sure is gone.
+    #[serde(default)]
+    pub subscription_oid: u32,
+    /// The fence was sealed on the source (it stays until released).
+    #[serde(default)]
+    pub fence_sealed: bool,
+    #[serde(default)]
+    pub cutover: Option<CutoverReport>,
+}
+
+/// What the last cutover did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CutoverReport {
+    pub done: bool,
+    pub steps: Vec<(String, f64, String)>,
+    pub write_downtime_seconds: f64,
+    pub fence_lsn: String,
+    pub error: String,
+}
+
+/// How the controller runs migrations (from its settings).
+#[derive(Debug, Clone)]
+pub struct MigrationSettings {
+    pub split_bytes: u64,
+    /// HOST:PORT of the tunnel, as the target reaches it.
+    pub tunnel_advertise: Option<(String, u16)>,
+    pub retained_wal_warning: u64,
 }
 
 /// The slot (and publication) name of a migration's copy attempt: a new
@@ -200,11 +274,13 @@ pub struct Progress {
 pub struct Migrations {
     registry: Arc<Registry>,
     target: Option<Database>,
-    split_bytes: u64,
+    settings: MigrationSettings,
     records: Table<MigrationRecord>,
     tables: Table<TableRecord>,
     progress: Mutex<Progress>,
     running: Mutex<bool>,
+    /// Cancels the running drive (abort).
+    stop: Mutex<CancellationToken>,
 }
 
 impl std::fmt::Debug for Migrations {
@@ -218,16 +294,17 @@ impl Migrations {
         journal: &Journal,
         registry: Arc<Registry>,
         target: Option<Database>,
-        split_bytes: u64,
+        settings: MigrationSettings,
     ) -> Result<Self, JournalError> {
         Ok(Migrations {
             registry,
             target,
-            split_bytes,
+            settings,
             records: journal.table(MIGRATION_TABLE)?,
             tables: journal.table(TABLES_TABLE)?,
             progress: Mutex::new(Progress::default()),
             running: Mutex::new(false),
+            stop: Mutex::new(CancellationToken::new()),
         })
     }
 
@@ -241,7 +318,24 @@ impl Migrations {
 
     /// Tables larger than this are copied in page ranges.
     pub fn split_bytes(&self) -> u64 {
-        self.split_bytes
+        self.settings.split_bytes
+    }
+
+    pub fn settings(&self) -> &MigrationSettings {
+        &self.settings
+    }
+
+    /// Stops the running drive, if any, and waits until it has stopped.
+    pub async fn stop_running(&self) {
+        lock(&self.stop).cancel();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while *lock(&self.running) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn save_record(&self, record: &MigrationRecord) -> Result<(), JournalError> {
+        self.records.put(CURRENT, record).await
     }
 
     pub fn current(&self) -> Result<Option<MigrationRecord>, JournalError> {
@@ -281,7 +375,12 @@ impl Migrations {
             }
             *running = true;
         }
-        let result = self.clone().drive(shutdown).await;
+        let stop = {
+            let mut stop = lock(&self.stop);
+            *stop = shutdown.child_token();
+            stop.clone()
+        };
+        let result = self.clone().drive(stop).await;
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = false;
         match result {
             Ok(()) | Err(StepError::Stopped) => {}
@@ -369,7 +468,9 @@ impl Migrations {
                     Phase::Copy => self.copy(&agent, &mut record).await,
                     Phase::SchemaPostData => self.apply_post_data(&mut record).await,
                     Phase::ReleaseSnapshot => self.release_snapshot(&agent, &mut record).await,
-                    Phase::Copied | Phase::Failed => Ok(()),
+                    Phase::Subscribe => self.subscribe(&agent, &mut record).await,
+                    Phase::Cutover => self.resolve_interrupted_cutover(&agent, &mut record).await,
+                    _ => Ok(()),
                 }
             };
             let started = Instant::now();
@@ -726,8 +827,76 @@ impl Migrations {
                 .await
                 .map_err(|s| StepError::Failed(s.message().to_owned()))?;
         }
-        record.phase = Phase::Copied;
+        record.phase = if record.copy_only {
+            Phase::Copied
+        } else {
+            Phase::Subscribe
+        };
         tracing::info!(migration = %record.id, "initial copy complete");
+        self.save(record).await
+    }
+
+    /// Creates the subscription that streams the changes since the slot's
+    /// consistent point. The password comes from the agent for this one
+    /// statement and is kept nowhere else by walbridge.
+    async fn subscribe(&self, agent: &AgentClient, record: &mut MigrationRecord) -> Result<(), StepError> {
+        let target = self.target_db()?;
+        let source = agent
+            .clone()
+            .subscription_connection(wire::SubscriptionConnectionRequest {})
+            .await
+            .map_err(|s| StepError::Failed(s.message().to_owned()))?
+            .into_inner();
+        let (host, port) = if record.direct {
+            (source.host.clone(), source.port as u16)
+        } else {
+            self.settings
+                .tunnel_advertise
+                .clone()
+                .ok_or_else(|| StepError::Failed("listen.tunnel is not set (or start with --direct)".to_owned()))?
+        };
+        let oid = subscription::create(target, record, &source, &host, port)
+            .await
+            .map_err(StepError::Failed)?;
+        tracing::info!(subscription = %record.subscription, via = %format!("{host}:{port}"), direct = record.direct, "subscription created");
+        record.subscription_oid = oid;
+        record.phase = Phase::Streaming;
+        self.save(record).await
+    }
+
+    /// A cutover the controller did not see to its end (it restarted). The
+    /// fence's stream died with it, so an unsealed fence is already gone.
+    /// A sealed one: if the subscription was detached the cutover is done;
+    /// if not, the fence is released and streaming goes on.
+    async fn resolve_interrupted_cutover(
+        &self,
+        agent: &AgentClient,
+        record: &mut MigrationRecord,
+    ) -> Result<(), StepError> {
+        let target = self.target_db()?;
+        let detached = subscription::state(target, &record.subscription)
+            .await
+            .map_err(StepError::Failed)?
+            == subscription::State::Detached;
+        if detached {
+            record.phase = Phase::CutOver;
+            record.events.push(
+                "a cutover interrupted by a restart had already detached the subscription: it is done".to_owned(),
+            );
+        } else {
+            agent
+                .clone()
+                .release_fence(wire::ReleaseFenceRequest {
+                    migration: record.id.clone(),
+                })
+                .await
+                .map_err(|s| StepError::Failed(s.message().to_owned()))?;
+            record.fence_sealed = false;
+            record.phase = Phase::Streaming;
+            record.events.push(
+                "a cutover was interrupted by a controller restart: the fence is lifted, streaming goes on".to_owned(),
+            );
+        }
         self.save(record).await
     }
 }

@@ -5,7 +5,7 @@
 //! anything else a failed operation (1).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -20,10 +20,12 @@ use walbridge_proto::v1 as wire;
 use crate::migration::{APPLICATION_NAME, MigrationRecord, Migrations, Phase};
 use crate::plan::plan;
 use crate::registry::AgentClient;
-use crate::transfer;
+use crate::{subscription, transfer};
 
 /// Tables verified at once by `verify`.
 const VERIFY_PARALLEL: usize = 4;
+/// How often the controller checks a streaming migration's health.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 
 pub fn selection_from_wire(selection: Option<wire::TableSelection>) -> Selection {
     let selection = selection.unwrap_or_default();
@@ -123,13 +125,20 @@ pub async fn start(
         return Err(Status::failed_precondition("target.url is not set on the controller"));
     }
     if let Some(current) = migrations.current().map_err(|e| Status::internal(e.to_string()))?
-        && current.phase.is_running()
+        && !current.phase.is_finished()
+        && current.phase != Phase::Copied
     {
         return Err(Status::failed_precondition(format!(
-            "migration {} is already running (phase {})",
+            "migration {} is in phase {}: finish it (`walbridge cleanup`) or `walbridge abort` it first",
             current.id,
             current.phase.name()
         )));
+    }
+    if !request.direct && !request.copy_only && migrations.settings().tunnel_advertise.is_none() {
+        return Err(Status::failed_precondition(
+            "listen.tunnel is not set on the controller: the subscription needs the tunnel to reach the source \
+             (or start with --direct when the target can reach the source itself)",
+        ));
     }
     let selection = selection_from_wire(request.selection);
     let planned = plan(catalog(&agent).await?, &selection, migrations.split_bytes()).map_err(bad_selection)?;
@@ -182,6 +191,12 @@ pub async fn start(
         stale_slots: Vec::new(),
         events: Vec::new(),
         error: None,
+        direct: request.direct,
+        copy_only: request.copy_only,
+        subscription: format!("walbridge_{id}"),
+        subscription_oid: 0,
+        fence_sealed: false,
+        cutover: None,
     };
     migrations
         .create(record, planned.tables)
@@ -192,7 +207,91 @@ pub async fn start(
     Ok(wire::StartResponse { migration: id, tables })
 }
 
-pub fn status(migrations: &Migrations) -> Result<wire::StatusResponse, Status> {
+/// Lag and health of a streaming migration; `None` when it has no
+/// subscription to speak of.
+pub struct Health {
+    pub slot: wire::SlotStatusResponse,
+    pub subscription: subscription::State,
+    pub warnings: Vec<String>,
+}
+
+pub async fn health(migrations: &Migrations, record: &MigrationRecord) -> Option<Health> {
+    if !matches!(record.phase, Phase::Streaming | Phase::Cutover | Phase::CutOver) {
+        return None;
+    }
+    let mut warnings = Vec::new();
+    let slot = match migrations.registry().get(&record.agent) {
+        Some(agent) => match agent
+            .client
+            .clone()
+            .slot_status(wire::SlotStatusRequest {
+                slot: record.slot.clone(),
+            })
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                warnings.push(format!("cannot read the slot: {}", status.message()));
+                wire::SlotStatusResponse::default()
+            }
+        },
+        None => {
+            warnings.push(format!("agent {} is not connected: lag is unknown", record.agent));
+            wire::SlotStatusResponse::default()
+        }
+    };
+    let limit = migrations.settings().retained_wal_warning;
+    if slot.retained_wal_bytes > limit {
+        warnings.push(format!(
+            "slot {} holds {} bytes of WAL on the source (over streaming.retained_wal_warning, {limit}): \
+             a stalled subscription fills the source's disk",
+            record.slot, slot.retained_wal_bytes
+        ));
+    }
+    let subscription = match migrations.target() {
+        Some(target) => subscription::state(target, &record.subscription)
+            .await
+            .unwrap_or_else(|e| {
+                warnings.push(format!("cannot read the subscription: {e}"));
+                subscription::State::Missing
+            }),
+        None => subscription::State::Missing,
+    };
+    if record.phase == Phase::Streaming && subscription == subscription::State::Disabled {
+        warnings.push(format!(
+            "subscription {} is disabled: it stopped on an apply error (the target's server log has it)",
+            record.subscription
+        ));
+    }
+    Some(Health {
+        slot,
+        subscription,
+        warnings,
+    })
+}
+
+/// Logs health warnings while a migration streams.
+pub async fn watch_health(migrations: Arc<Migrations>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let Ok(Some(record)) = migrations.current() else {
+            continue;
+        };
+        if record.phase != Phase::Streaming {
+            continue;
+        }
+        if let Some(health) = health(&migrations, &record).await {
+            for warning in health.warnings {
+                tracing::warn!(migration = %record.id, "{warning}");
+            }
+        }
+    }
+}
+
+pub async fn status(migrations: &Migrations) -> Result<wire::StatusResponse, Status> {
     let internal = |e: walbridge_daemon::journal::JournalError| Status::internal(e.to_string());
     let Some(record) = migrations.current().map_err(internal)? else {
         return Ok(wire::StatusResponse {
@@ -218,7 +317,19 @@ pub fn status(migrations: &Migrations) -> Result<wire::StatusResponse, Status> {
             }
         })
         .collect();
+    let health = health(migrations, &record).await;
+    let (slot, subscription, warnings) = match health {
+        Some(h) => (h.slot, h.subscription.name().to_owned(), h.warnings),
+        None => Default::default(),
+    };
     Ok(wire::StatusResponse {
+        lag_bytes: slot.lag_bytes,
+        lag_seconds: slot.lag_seconds,
+        retained_wal_bytes: slot.retained_wal_bytes,
+        slot_active: slot.active,
+        subscription,
+        warnings,
+        cutover: record.cutover.as_ref().map(crate::cutover::report_to_wire),
         phase: record.phase.name().to_owned(),
         migration: record.id,
         agent: record.agent,
@@ -281,4 +392,145 @@ pub async fn verify(migrations: &Migrations, request: wire::VerifyRequest) -> Re
         .collect()
         .await;
     Ok(wire::VerifyResponse { tables: results })
+}
+
+/// Removes the durable fence a cutover left on the source.
+pub async fn release_source(migrations: &Migrations) -> Result<wire::CleanupResponse, Status> {
+    let mut record = current(migrations)?;
+    let agent = agent_client(migrations, &record.agent)?;
+    let mut removed = Vec::new();
+    release_fence(&agent, &record, &mut removed).await?;
+    record.fence_sealed = false;
+    record.events.push("the source's write fence was released".to_owned());
+    save(migrations, &record).await?;
+    Ok(wire::CleanupResponse {
+        removed,
+        phase: record.phase.name().to_owned(),
+    })
+}
+
+/// After cutover: removes every replication object and the fence.
+pub async fn cleanup(migrations: &Migrations) -> Result<wire::CleanupResponse, Status> {
+    let record = current(migrations)?;
+    if !matches!(record.phase, Phase::CutOver | Phase::CleanedUp | Phase::Copied) {
+        return Err(Status::failed_precondition(format!(
+            "migration {} is in phase {}: cleanup follows a cutover (or a --copy-only copy); \
+             `walbridge abort` stops a migration in any phase",
+            record.id,
+            record.phase.name()
+        )));
+    }
+    remove_everything(migrations, record, Phase::CleanedUp).await
+}
+
+/// Stops the migration in any phase and removes what it made for
+/// replication on both sides. The target keeps its tables and data.
+pub async fn abort(migrations: &Migrations) -> Result<wire::CleanupResponse, Status> {
+    migrations.stop_running().await;
+    let record = current(migrations)?;
+    if record.phase == Phase::CutOver {
+        return Err(Status::failed_precondition(format!(
+            "migration {} is cut over: the target is live. Use `walbridge cleanup` (it keeps what the cutover did)",
+            record.id
+        )));
+    }
+    let phase = if record.phase == Phase::CleanedUp {
+        Phase::CleanedUp
+    } else {
+        Phase::Aborted
+    };
+    remove_everything(migrations, record, phase).await
+}
+
+fn current(migrations: &Migrations) -> Result<MigrationRecord, Status> {
+    migrations
+        .current()
+        .map_err(|e| Status::internal(e.to_string()))?
+        .ok_or_else(|| Status::failed_precondition("there is no migration"))
+}
+
+async fn save(migrations: &Migrations, record: &MigrationRecord) -> Result<(), Status> {
+    migrations
+        .save_record(record)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+async fn release_fence(agent: &AgentClient, record: &MigrationRecord, removed: &mut Vec<String>) -> Result<(), Status> {
+    let released = agent
+        .clone()
+        .release_fence(wire::ReleaseFenceRequest {
+            migration: record.id.clone(),
+        })
+        .await?
+        .into_inner();
+    if released.tables > 0 {
+        removed.push(format!("the write fence on {} source tables", released.tables));
+    }
+    Ok(())
+}
+
+/// Subscription (target), snapshot, slots, publication and fence
+/// (source). Each removal is idempotent, so running it twice is safe.
+async fn remove_everything(
+    migrations: &Migrations,
+    mut record: MigrationRecord,
+    phase: Phase,
+) -> Result<wire::CleanupResponse, Status> {
+    let agent = agent_client(migrations, &record.agent)?;
+    let mut removed = Vec::new();
+    if let Some(target) = migrations.target()
+        && !record.subscription.is_empty()
+    {
+        removed.extend(
+            subscription::remove(target, &record.subscription, record.subscription_oid)
+                .await
+                .map_err(Status::unavailable)?,
+        );
+    }
+    if let Some(snapshot) = record.snapshot.take() {
+        agent
+            .clone()
+            .release_snapshot(wire::ReleaseSnapshotRequest {
+                snapshot: snapshot.name,
+            })
+            .await?;
+    }
+    let mut slots = record.stale_slots.clone();
+    slots.push(record.slot.clone());
+    for slot in &slots {
+        let publication = if slot == &record.slot {
+            record.publication.clone()
+        } else {
+            String::new()
+        };
+        let dropped = agent
+            .clone()
+            .drop_replication(wire::DropReplicationRequest {
+                slot: slot.clone(),
+                publication: publication.clone(),
+            })
+            .await?
+            .into_inner();
+        if dropped.dropped_slot {
+            removed.push(format!("replication slot {slot} on the source"));
+        }
+        if dropped.dropped_publication {
+            removed.push(format!("publication {publication} on the source"));
+        }
+    }
+    release_fence(&agent, &record, &mut removed).await?;
+    record.fence_sealed = false;
+    record.phase = phase;
+    record.events.push(if removed.is_empty() {
+        format!("{}: nothing was left to remove", phase.name())
+    } else {
+        format!("{}: removed {}", phase.name(), removed.join(", "))
+    });
+    save(migrations, &record).await?;
+    tracing::info!(migration = %record.id, phase = phase.name(), ?removed, "replication objects removed");
+    Ok(wire::CleanupResponse {
+        removed,
+        phase: phase.name().to_owned(),
+    })
 }

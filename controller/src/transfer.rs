@@ -15,12 +15,7 @@ use walbridge_proto::v1 as wire;
 use crate::migration::APPLICATION_NAME;
 use crate::registry::AgentClient;
 
-pub fn db_message(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => db.message().to_owned(),
-        None => error.to_string(),
-    }
-}
+pub use walbridge_daemon::pg::db_message;
 
 pub fn decompress(chunk: &wire::DataChunk) -> Result<Vec<u8>, String> {
     // raw_len bounds the allocation; a chunk is at most a few hundred kB.
