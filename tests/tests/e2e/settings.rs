@@ -104,6 +104,21 @@ fn each_bad_controller_setting_exits_2_naming_it() {
     let cases: Vec<(&str, Vec<String>)> = vec![
         ("listen.agents", replace(&good, "--listen-agents", &taken)),
         ("listen.agents", replace(&good, "--listen-agents", "not-an-address")),
+        ("listen.tunnel", replace(&good, "--listen-tunnel", &taken)),
+        ("listen.tunnel", replace(&good, "--listen-tunnel", "not-an-address")),
+        ("tunnel.advertise", replace(&good, "--listen-tunnel", "0.0.0.0:0")),
+        (
+            "tunnel.allow",
+            [
+                good.clone(),
+                vec!["--tunnel-allow".into(), "10.0.0.0/8,999.1.1.1/8".into()],
+            ]
+            .concat(),
+        ),
+        (
+            "tunnel.max_connections",
+            [good.clone(), vec!["--tunnel-max-connections".into(), "0".into()]].concat(),
+        ),
         (
             "listen.api",
             [good.clone(), vec!["--listen-api".into(), taken.clone()]].concat(),

@@ -14,6 +14,7 @@ pub const LINK_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Install {
     pub dir: TempDir,
     pub agent_port: u16,
+    pub tunnel_port: u16,
 }
 
 impl Install {
@@ -24,6 +25,7 @@ impl Install {
         let install = Install {
             dir,
             agent_port: free_port(),
+            tunnel_port: free_port(),
         };
         install.issue(controller_host, agents);
         install
@@ -81,6 +83,8 @@ impl Install {
             &self.path().join("controller").display().to_string(),
             "--listen-agents",
             &format!("127.0.0.1:{}", self.agent_port),
+            "--listen-tunnel",
+            &format!("127.0.0.1:{}", self.tunnel_port),
             "--tls-ca-cert",
             &self.cert("ca"),
             "--tls-cert",
@@ -262,5 +266,43 @@ impl Migration {
                 "SELECT coalesce(string_agg(pubname, ',' ORDER BY pubname), '') FROM pg_publication",
             ),
         )
+    }
+}
+
+/// A database session the test keeps open (to hold a transaction, or to
+/// see each write acknowledged), on its own small runtime.
+pub struct Session {
+    runtime: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+}
+
+impl Session {
+    pub fn open(url: &str) -> Session {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(connection);
+            client
+        });
+        Session { runtime, client }
+    }
+
+    pub fn execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        self.runtime.block_on(self.client.batch_execute(sql))
+    }
+
+    /// The first column of the first row, as text.
+    pub fn value(&self, sql: &str) -> Result<String, tokio_postgres::Error> {
+        let rows = self.runtime.block_on(self.client.simple_query(sql))?;
+        Ok(rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0).unwrap_or("").to_owned()),
+                _ => None,
+            })
+            .unwrap_or_default())
     }
 }

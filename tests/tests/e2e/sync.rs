@@ -30,7 +30,7 @@ fn a_demanding_schema_is_copied_exactly() {
 
     let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json"]);
     assert_eq!(code, Some(0), "start: {stderr}");
-    assert_eq!(status["phase"], "copied", "{status}");
+    assert_eq!(status["phase"], "streaming", "{status}");
     let tables = status["tables"].as_array().unwrap();
     // 300 small tables + customers, order lines, Tabelle, blobs, 3 event
     // partitions, readings, audit.
@@ -94,8 +94,13 @@ fn a_demanding_schema_is_copied_exactly() {
     let (slots, publications) = m.source_replication_objects();
     assert_eq!(slots, status["slot"].as_str().unwrap());
     assert_eq!(publications, status["slot"].as_str().unwrap());
+    // The only walsender left is the subscription's (named after it).
+    let subscription = format!("walbridge_{}", status["migration"].as_str().unwrap());
     assert_eq!(
-        on_source("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'"),
+        on_source(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender' \
+             AND application_name <> '{subscription}'"
+        )),
         "0",
         "no replication connection is left holding a snapshot"
     );
@@ -159,8 +164,10 @@ fn the_copy_is_exactly_the_snapshot_not_later_writes() {
         (m.source.psql(DATABASE, "SELECT count(*) FROM feed") != "0").then_some(())
     });
 
-    let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json"]);
+    // --copy-only: streaming would (rightly) bring the later rows over.
+    let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json", "--copy-only"]);
     assert_eq!(code, Some(0), "start: {stderr}");
+    assert_eq!(status["phase"], "copied", "{status}");
     // The writer is still going: the source moves on past the snapshot.
     let before_stop: u64 = m.source.psql(DATABASE, "SELECT count(*) FROM feed").parse().unwrap();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -233,7 +240,7 @@ fn kill_9_of_the_controller_mid_copy_resumes_without_recopying_finished_tables()
     let _ = start.wait();
     m.controller.restart();
 
-    let after = m.wait_for_phase("copied", COPY_TIMEOUT);
+    let after = m.wait_for_phase("streaming", COPY_TIMEOUT);
     for t in before["tables"].as_array().unwrap() {
         if t["state"] == "verified" {
             let name = t["name"].as_str().unwrap();
@@ -276,7 +283,7 @@ fn kill_9_of_the_agent_mid_copy_restarts_from_a_fresh_slot() {
     m.agent.kill();
     m.agent.restart();
 
-    let after = m.wait_for_phase("copied", COPY_TIMEOUT);
+    let after = m.wait_for_phase("streaming", COPY_TIMEOUT);
     let _ = start.wait();
     assert!(after["copy_restarts"].as_u64().unwrap() >= 1, "{after}");
     assert!(
