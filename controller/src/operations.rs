@@ -259,7 +259,7 @@ pub async fn health(migrations: &Migrations, record: &MigrationRecord) -> Option
     };
     if record.phase == Phase::Streaming && subscription == subscription::State::Disabled {
         warnings.push(format!(
-            "subscription {} is disabled: it stopped on an apply error (the target's server log has it)",
+            "subscription {} is disabled: nothing is applied (the target's server log says why)",
             record.subscription
         ));
     }

@@ -17,7 +17,7 @@ pub enum State {
     Streaming,
     /// Enabled, but no apply worker right now (starting or retrying).
     Connecting,
-    /// Disabled with its slot: stopped, e.g. by `disable_on_error`.
+    /// Disabled with its slot: nothing is applied.
     Disabled,
     /// Disabled and without a slot: the target stands alone.
     Detached,
@@ -79,10 +79,9 @@ pub async fn create(
         "create_slot = false".to_owned(),
         format!("slot_name = {}", quote_literal(&record.slot)),
     ];
-    // Stop on an apply error instead of retrying it forever; status shows it.
-    if target_version >= 150000 {
-        options.push("disable_on_error = true".to_owned());
-    }
+    // Not `disable_on_error`: PostgreSQL counts a dropped connection as an
+    // error too, and the tunnel drops whenever the controller or the agent
+    // restarts; a subscription that retries comes back on its own.
     // Large transactions are streamed while in progress, not spilled.
     if target_version >= 140000 && source_version >= 140000 {
         options.push("streaming = on".to_owned());

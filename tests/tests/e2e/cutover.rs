@@ -289,6 +289,27 @@ fn kill_9_of_the_agent_holding_the_fence_fails_the_cutover_and_frees_the_source(
     start_streaming(&m);
     let stall = stall_the_target(&m);
 
+    let cutover = cutover_holding_the_fence(&m);
+    m.agent.kill();
+
+    let out = cutover.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_ne!(report["done"], true, "{report}");
+    source_accepts_writes(&m).expect("the source is writable once the agent is gone");
+    assert_eq!(fence_triggers(&m), "0");
+    stall.execute("ROLLBACK").unwrap();
+    let status = m.status();
+    assert_eq!(
+        status["phase"], "streaming",
+        "the cutover is reported failed, not done: {status}"
+    );
+    assert_eq!(status["cutover"]["done"], false, "{status}");
+}
+
+/// Starts `walbridge cutover` in the background and waits until the agent
+/// holds the fence (its locks are granted on the source).
+fn cutover_holding_the_fence(m: &Migration) -> std::process::Child {
     let cutover = std::process::Command::new(harness::daemons::binary(harness::daemons::CLI))
         .args([
             "--api",
@@ -312,21 +333,34 @@ fn kill_9_of_the_agent_holding_the_fence_fails_the_cutover_and_frees_the_source(
         );
         (held != "0").then_some(())
     });
-    m.agent.kill();
+    cutover
+}
 
-    let out = cutover.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    assert_ne!(report["done"], true, "{report}");
-    source_accepts_writes(&m).expect("the source is writable once the agent is gone");
-    assert_eq!(fence_triggers(&m), "0");
+#[test]
+fn kill_9_of_the_controller_mid_cutover_lifts_the_fence_and_streaming_resumes() {
+    let source = Cluster::builder("source").logical().start();
+    let mut m = Migration::new(source, SCHEMA);
+    start_streaming(&m);
+    let stall = stall_the_target(&m);
+    let cutover = cutover_holding_the_fence(&m);
+    m.controller.kill();
+    let _ = cutover.wait_with_output();
+    // The fence's stream died with the controller: the agent rolled it back.
+    source_accepts_writes(&m).expect("the source is writable once the controller is gone");
     stall.execute("ROLLBACK").unwrap();
-    let status = m.status();
-    assert_eq!(
-        status["phase"], "streaming",
-        "the cutover is reported failed, not done: {status}"
+
+    m.controller.restart();
+    let status = m.wait_for_phase("streaming", STREAM_TIMEOUT);
+    assert!(
+        status["events"]
+            .to_string()
+            .contains("interrupted by a controller restart"),
+        "{status}"
     );
-    assert_eq!(status["cutover"]["done"], false, "{status}");
+    assert_eq!(fence_triggers(&m), "0");
+    eventually(STREAM_TIMEOUT, "the subscription to stream again", || {
+        (m.status()["subscription"] == "streaming").then_some(())
+    });
 }
 
 #[test]
