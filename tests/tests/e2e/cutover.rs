@@ -103,6 +103,11 @@ fn start_streaming(m: &Migration) {
     let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json"]);
     assert_eq!(code, Some(0), "start: {stderr} {status}");
     assert_eq!(status["phase"], "streaming", "{status}");
+    // The subscription exists; its worker connects through the tunnel
+    // a moment later.
+    eventually(STREAM_TIMEOUT, "the subscription's worker to stream", || {
+        (m.status()["subscription"] == "streaming").then_some(())
+    });
 }
 
 /// A write on the source that does not wait long for a lock.
@@ -410,16 +415,20 @@ fn retained_wal_over_its_limit_is_a_warning_and_the_tunnel_refuses_connections_o
     m.controller
         .wait_for_log_line(Duration::from_secs(30), &["WARN", "holds", "bytes of WAL"]);
 
-    // The subscription holds the only tunnel connection: another is closed
-    // at once, and the controller says why.
+    // The subscription holds the only tunnel connection (once its worker
+    // is connected: a worker that lost the race to the permit retries):
+    // another is closed at once, and the controller says why.
+    eventually(STREAM_TIMEOUT, "the subscription to stream", || {
+        (m.status()["subscription"] == "streaming").then_some(())
+    });
     use std::io::Read;
     let mut extra = std::net::TcpStream::connect(("127.0.0.1", m.install.tunnel_port)).unwrap();
     extra.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buffer = [0u8; 16];
-    assert_eq!(
-        extra.read(&mut buffer).unwrap_or(0),
-        0,
-        "the extra connection is closed"
+    let read = extra.read(&mut buffer);
+    assert!(
+        matches!(read, Ok(0)),
+        "the extra connection is closed, not left open: {read:?}"
     );
     m.controller
         .wait_for_log_line(Duration::from_secs(10), &["tunnel.max_connections"]);
