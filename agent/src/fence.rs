@@ -113,13 +113,27 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
         });
     }
     // Every transaction that wrote to these tables has ended now (the
-    // locks waited for them); a WAL record of our own marks the point and
-    // gives the walsender something to pass, even on an idle source.
-    let row = client
-        .query_one("SELECT pg_logical_emit_message(false, 'walbridge', 'fence')::text", &[])
+    // locks waited for them). A committed WAL record of our own marks the
+    // point: committed in its own session so that it is flushed at once
+    // (an unflushed record waits for the WAL writer, and with writers
+    // fenced nothing else flushes it), giving the walsender something to
+    // pass even on an idle source.
+    let marker = source
+        .connect(APPLICATION_NAME)
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach the source: {}", db_message(&e))))?;
+    let mark = async {
+        marker.batch_execute("BEGIN; SET LOCAL synchronous_commit = on").await?;
+        let row = marker
+            .query_one("SELECT pg_logical_emit_message(true, 'walbridge', 'fence')::text", &[])
+            .await?;
+        marker.batch_execute("COMMIT").await?;
+        Ok::<String, tokio_postgres::Error>(row.get(0))
+    };
+    let lsn = mark
         .await
         .map_err(|e| Status::internal(format!("cannot mark the fence in the WAL: {}", db_message(&e))))?;
-    Ok((client, row.get(0)))
+    Ok((client, lsn))
 }
 
 /// Installs the refusing triggers on the tables and their partitions and
