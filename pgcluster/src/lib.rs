@@ -1,6 +1,6 @@
-//! Throwaway PostgreSQL clusters for tests: `initdb` into a temp folder,
-//! started on a free port on 127.0.0.1 with password (SCRAM) authentication,
-//! stopped when dropped. A cluster dropped while its test panics keeps its
+//! Throwaway PostgreSQL clusters, for walbridge's tests and its demo:
+//! `initdb` into a temp folder, started on a free port on 127.0.0.1 with
+//! password (SCRAM) authentication, stopped when dropped. A cluster dropped while its test panics keeps its
 //! folder and prints its log.
 //!
 //! Any major version's bin folder works (10 onwards): the cluster is

@@ -3,7 +3,9 @@
 //! * [`cluster`]: throwaway PostgreSQL clusters from any version's bin folder.
 //! * [`daemons`]: walbridge's own programs as separate processes.
 
-pub mod cluster;
 pub mod daemons;
+
+/// Throwaway PostgreSQL clusters (shared with `walbridge demo`).
+pub use walbridge_pgcluster as cluster;
 
 pub use cluster::{Cluster, ClusterBuilder, PgInstall};
