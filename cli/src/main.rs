@@ -4,6 +4,7 @@
 mod agents;
 mod certs;
 mod client;
+mod demo;
 mod migrate;
 mod output;
 
@@ -128,6 +129,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The whole product on this machine, in under a minute: throwaway source and target clusters,
+    /// a live application, agent and controller in-process over mutual TLS, copy, streaming
+    /// through the tunnel, cutover, verify, a report; then everything is removed.
+    ///
+    /// Needs only PostgreSQL's server binaries (pg_config --bindir, WALBRIDGE_PG_BIN or PATH).
+    Demo,
     /// Make the certificates of an install (no controller needed).
     Certs {
         #[command(subcommand)]
@@ -192,6 +199,7 @@ fn main() -> ExitCode {
                     json,
                 },
         } => certs::init(&dir, &controller_hosts, &agents, json),
+        Command::Demo => demo::run(),
         Command::Agents { json } => {
             with_controller(&matches, |address| async move { agents::run(&address, json).await })
         }

@@ -78,6 +78,13 @@ impl BoundController {
             .listen
             .map(|address| bind_tcp(LISTEN_TUNNEL, address))
             .transpose()?;
+        let mut config = config;
+        // Port 0 picks a free port: the advertised one is the one bound.
+        if let (Some(listener), Some((_, 0))) = (&tunnel, &config.tunnel.advertise)
+            && let Ok(bound) = listener.local_addr()
+        {
+            config.tunnel.advertise = Some((bound.ip().to_string(), bound.port()));
+        }
         let api = match &config.listen_api {
             ApiAddress::Tcp(address) => ApiListener::Tcp(bind_tcp(LISTEN_API, *address)?),
             ApiAddress::Unix(path) => ApiListener::Unix(bind_unix(path)?),

@@ -3,6 +3,7 @@
 //! them (one link step, one build of the binaries).
 
 mod cutover;
+mod demo;
 mod link;
 mod settings;
 mod support;
