@@ -146,9 +146,17 @@ pub struct ClusterBuilder {
     name: String,
     install: Option<PgInstall>,
     settings: Vec<(String, String)>,
+    netns: Option<String>,
 }
 
 impl ClusterBuilder {
+    /// Runs the server inside this network namespace (`ip netns`): its
+    /// 127.0.0.1 is the namespace's own. Needs root.
+    pub fn netns(mut self, namespace: &str) -> Self {
+        self.netns = Some(namespace.to_owned());
+        self
+    }
+
     pub fn install(mut self, install: &PgInstall) -> Self {
         self.install = Some(install.clone());
         self
@@ -196,6 +204,8 @@ impl ClusterBuilder {
             dir: Some(dir),
             data_dir,
             log_path,
+            socket_dir: socket_dir.clone(),
+            netns: self.netns,
             port: 0,
             password,
         };
@@ -256,6 +266,8 @@ pub struct Cluster {
     dir: Option<TempDir>,
     data_dir: PathBuf,
     log_path: PathBuf,
+    socket_dir: PathBuf,
+    netns: Option<String>,
     port: u16,
     password: String,
 }
@@ -266,6 +278,7 @@ impl Cluster {
             name: name.to_owned(),
             install: None,
             settings: Vec::new(),
+            netns: None,
         }
     }
 
@@ -275,6 +288,15 @@ impl Cluster {
 
     pub fn host(&self) -> &str {
         "127.0.0.1"
+    }
+
+    /// Where the harness's own psql connects: TCP, or the socket folder
+    /// when the server is in a network namespace the harness is not in.
+    fn psql_host(&self) -> String {
+        match self.netns {
+            Some(_) => self.socket_dir.display().to_string(),
+            None => self.host().to_owned(),
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -334,7 +356,7 @@ impl Cluster {
         let out = self
             .install
             .psql()
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", self.host()])
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", &self.psql_host()])
             .args([
                 "-p",
                 &self.port.to_string(),
@@ -388,7 +410,7 @@ impl Cluster {
 
     fn pg_ctl_start(&self) -> Result<(), String> {
         let options = format!("-p {}", self.port);
-        let out = self.pg_ctl(&[
+        let out = self.pg_ctl_in_netns(&[
             "start",
             "-w",
             "-t",
@@ -407,6 +429,33 @@ impl Cluster {
                 self.log_tail(40)
             ))
         }
+    }
+
+    /// `pg_ctl start` enters the namespace first (as root, then becoming
+    /// the server's user); the postmaster it forks stays there.
+    fn pg_ctl_in_netns(&self, args: &[&str]) -> Output {
+        let Some(namespace) = &self.netns else {
+            return self.pg_ctl(args);
+        };
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", namespace]);
+        if let Some(user) = self.user {
+            command.args([
+                "setpriv",
+                &format!("--reuid={}", user.uid),
+                &format!("--regid={}", user.gid),
+                "--clear-groups",
+            ]);
+            command.env("HOME", "/tmp");
+        }
+        command
+            .arg(self.install.bin("pg_ctl"))
+            .args(["-D", path_str(&self.data_dir)])
+            .args(args)
+            .current_dir(self.dir.as_ref().map_or(Path::new("/"), |d| d.path()))
+            .stdin(Stdio::null())
+            .output()
+            .expect("ip netns exec runs")
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Output {

@@ -107,6 +107,28 @@ impl Daemon {
         daemon
     }
 
+    /// Starts `program` inside a network namespace (`ip netns exec`, which
+    /// execs it: the pid is the program's).
+    pub fn start_in_netns(name: &str, namespace: &str, program: &str, args: &[String], log_dir: &Path) -> Daemon {
+        let mut all = vec![
+            "netns".to_owned(),
+            "exec".to_owned(),
+            namespace.to_owned(),
+            binary(program).display().to_string(),
+        ];
+        all.extend_from_slice(args);
+        let mut daemon = Daemon {
+            name: name.to_owned(),
+            program: PathBuf::from("ip"),
+            args: all,
+            envs: Vec::new(),
+            log_path: log_dir.join(format!("{name}.log")),
+            child: None,
+        };
+        daemon.restart();
+        daemon
+    }
+
     /// Starts the process again with the same arguments (after `kill`).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "{} is still running", self.name);

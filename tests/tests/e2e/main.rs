@@ -8,3 +8,4 @@ mod link;
 mod settings;
 mod support;
 mod sync;
+mod tunnel;
