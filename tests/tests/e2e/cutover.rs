@@ -128,7 +128,7 @@ fn fence_triggers(m: &Migration) -> String {
 #[test]
 fn a_live_migration_cuts_over_with_every_acknowledged_write_and_cleans_up() {
     let source = Cluster::builder("source").logical().start();
-    let m = Migration::new(source, SCHEMA);
+    let mut m = Migration::new(source, SCHEMA);
     let stop = Arc::new(AtomicBool::new(false));
     let writes = writer(m.source.url(DATABASE), stop.clone());
 
@@ -192,6 +192,14 @@ fn a_live_migration_cuts_over_with_every_acknowledged_write_and_cleans_up() {
     assert_eq!(code, Some(0), "verify: {stderr} {verify}");
     let error = source_accepts_writes(&m).unwrap_err();
     assert!(error.contains("fenced"), "{error}");
+    // The fence outlives the agent.
+    m.agent.kill();
+    m.agent.restart();
+    let error = source_accepts_writes(&m).unwrap_err();
+    assert!(error.contains("fenced"), "after an agent restart: {error}");
+    eventually(crate::support::LINK_TIMEOUT, "the agent to reconnect", || {
+        m.install.connected_agent("east")
+    });
 
     // Sequences are ahead on the target: defaults do not collide.
     let max_order = acked.orders.keys().max().unwrap();
@@ -368,11 +376,35 @@ fn kill_9_of_the_controller_mid_cutover_lifts_the_fence_and_streaming_resumes() 
     });
 }
 
+/// Every file below `dir` (journals are binary: searched as bytes).
+fn files_contain(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if std::fs::read(&path)
+                .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle.as_bytes()))
+                .unwrap_or(false)
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
 #[test]
 fn abort_while_streaming_removes_the_replication_objects_on_both_sides() {
     let source = Cluster::builder("source").logical().start();
     let m = Migration::new(source, SCHEMA);
     start_streaming(&m);
+    // The source's password went to the target's subscription, and
+    // nowhere else: not into a journal, not into a log.
+    let leaks = files_contain(m.install.path(), m.source.password());
+    assert!(leaks.is_empty(), "the source password is in {leaks:?}");
     let (code, aborted, stderr) = m.cli_json(&["abort", "--json"]);
     assert_eq!(code, Some(0), "abort: {stderr} {aborted}");
     assert_eq!(aborted["phase"], "aborted");
@@ -393,6 +425,47 @@ fn abort_while_streaming_removes_the_replication_objects_on_both_sides() {
     let out = m.cli(&["cutover"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("aborted"));
+}
+
+#[test]
+fn the_tunnel_refuses_clients_outside_tunnel_allow() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::with_controller_args(source, SCHEMA, &["--tunnel-allow", "10.99.0.0/16"]);
+    use std::io::Read;
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", m.install.tunnel_port)).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let read = client.read(&mut [0u8; 16]);
+    assert!(matches!(read, Ok(0)), "closed at once: {read:?}");
+    m.controller
+        .wait_for_log_line(Duration::from_secs(10), &["not in tunnel.allow"]);
+}
+
+#[test]
+fn status_watch_redraws_until_interrupted() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(source, SCHEMA);
+    let mut watch = std::process::Command::new(harness::daemons::binary(harness::daemons::CLI))
+        .args(["--api", &m.install.api(), "status", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Two screens prove it redraws; then Ctrl-C stops it cleanly.
+    let mut stdout = watch.stdout.take().unwrap();
+    let mut seen = String::new();
+    eventually(Duration::from_secs(20), "two screens", || {
+        use std::io::Read;
+        let mut chunk = [0u8; 256];
+        let n = stdout.read(&mut chunk).unwrap_or(0);
+        seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        (seen.matches("No migration.").count() >= 2).then_some(())
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watch.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = watch.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "Ctrl-C ends --watch cleanly");
 }
 
 #[test]
