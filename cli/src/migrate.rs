@@ -9,7 +9,7 @@ use crate::client::{ApiAddress, connect};
 use crate::output::{Failure, print_json, print_table};
 
 /// How often `start` and `status --watch` ask the controller.
-const POLL: Duration = Duration::from_millis(500);
+const POLL: Duration = Duration::from_millis(200);
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 fn call_failed(status: tonic::Status) -> Failure {
