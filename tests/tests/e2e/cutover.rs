@@ -405,6 +405,13 @@ fn abort_while_streaming_removes_the_replication_objects_on_both_sides() {
     // nowhere else: not into a journal, not into a log.
     let leaks = files_contain(m.install.path(), m.source.password());
     assert!(leaks.is_empty(), "the source password is in {leaks:?}");
+    // A dry run checks and changes nothing.
+    let (code, dry, stderr) = m.cli_json(&["cutover", "--dry-run", "--json"]);
+    assert_eq!(code, Some(0), "dry run: {stderr} {dry}");
+    assert_eq!(dry["done"], false, "{dry}");
+    assert!(dry["steps"].to_string().contains("nothing was changed"), "{dry}");
+    assert_eq!(m.status()["phase"], "streaming");
+    assert_eq!(fence_triggers(&m), "0");
     let (code, aborted, stderr) = m.cli_json(&["abort", "--json"]);
     assert_eq!(code, Some(0), "abort: {stderr} {aborted}");
     assert_eq!(aborted["phase"], "aborted");
