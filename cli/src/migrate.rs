@@ -106,7 +106,8 @@ pub struct StartOptions {
     pub json: bool,
 }
 
-/// Starts the migration, then follows it until the copy is done.
+/// Starts the migration, then follows it until it streams (with
+/// `--copy-only`, until the copy is done).
 pub async fn start(address: &ApiAddress, options: StartOptions) -> Result<(), Failure> {
     let mut client = connect(address).await.map_err(Failure::Operation)?;
     let started = client
