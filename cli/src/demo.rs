@@ -115,6 +115,7 @@ async fn migrate(
             allow: Vec::new(),
         },
         retained_wal_warning: 1 << 30,
+        listen_metrics: None,
         identity: identity(&certs, "controller")?,
         log_format: LogFormat::Human,
     };

@@ -19,6 +19,7 @@ pub const TUNNEL_ADVERTISE: &str = "tunnel.advertise";
 pub const TUNNEL_MAX_CONNECTIONS: &str = "tunnel.max_connections";
 pub const TUNNEL_ALLOW: &str = "tunnel.allow";
 pub const RETAINED_WAL_WARNING: &str = "streaming.retained_wal_warning";
+pub const LISTEN_METRICS: &str = "listen.metrics";
 
 /// Every setting the controller reads.
 pub fn settings() -> Vec<Setting> {
@@ -78,6 +79,13 @@ pub fn settings() -> Vec<Setting> {
             help: "client networks that may use the tunnel, comma-separated CIDRs (e.g. 10.0.0.0/8,127.0.0.1/32) \
                    [default: any]",
             value_name: "CIDRS",
+            default: None,
+        },
+        Setting {
+            key: LISTEN_METRICS,
+            help: "where Prometheus scrapes /metrics, HOST:PORT (plain HTTP: keep it on a private network) \
+                   [default: off]",
+            value_name: "HOST:PORT",
             default: None,
         },
         Setting {
@@ -188,6 +196,7 @@ pub struct ControllerConfig {
     pub split_bytes: u64,
     pub tunnel: TunnelConfig,
     pub retained_wal_warning: u64,
+    pub listen_metrics: Option<SocketAddr>,
     pub identity: Identity,
     pub log_format: LogFormat,
 }
@@ -216,9 +225,11 @@ impl ControllerConfig {
             .parse::<u64>(RETAINED_WAL_WARNING)?
             .ok_or_else(|| SettingError::new(RETAINED_WAL_WARNING, "must be a number of bytes"))?;
         let identity = Identity::from_settings(settings)?;
+        let listen_metrics = settings.parse::<SocketAddr>(LISTEN_METRICS)?;
         Ok(ControllerConfig {
             tunnel,
             retained_wal_warning,
+            listen_metrics,
             split_bytes,
             data_dir,
             listen_agents,

@@ -14,6 +14,7 @@
 //! * [`subscription`]: the target's subscription.
 //! * [`tunnel`]: the subscription's connections, carried to the agent.
 //! * [`cutover`]: fence, catch up, sequences, detach.
+//! * [`metrics`]: Prometheus metrics, read from `status` at scrape time.
 //!
 //! **Architecture invariant**: only the controller connects to the target;
 //! it never connects to the source (the agent does).
@@ -22,6 +23,7 @@ pub mod api;
 pub mod config;
 pub mod cutover;
 pub mod link;
+pub mod metrics;
 pub mod migration;
 pub mod operations;
 pub mod plan;
@@ -43,7 +45,7 @@ use walbridge_daemon::journal::Journal;
 use walbridge_daemon::settings::SettingError;
 
 pub use config::ControllerConfig;
-use config::{ApiAddress, DATA_DIR, LISTEN_AGENTS, LISTEN_API, LISTEN_TUNNEL};
+use config::{ApiAddress, DATA_DIR, LISTEN_AGENTS, LISTEN_API, LISTEN_METRICS, LISTEN_TUNNEL};
 
 /// How long shutdown waits for tasks that own state to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -56,6 +58,7 @@ pub struct BoundController {
     journal: Journal,
     agents: std::net::TcpListener,
     tunnel: Option<std::net::TcpListener>,
+    metrics: Option<std::net::TcpListener>,
     api: ApiListener,
 }
 
@@ -78,6 +81,10 @@ impl BoundController {
             .listen
             .map(|address| bind_tcp(LISTEN_TUNNEL, address))
             .transpose()?;
+        let metrics = config
+            .listen_metrics
+            .map(|address| bind_tcp(LISTEN_METRICS, address))
+            .transpose()?;
         let mut config = config;
         // Port 0 picks a free port: the advertised one is the one bound.
         if let (Some(listener), Some((_, 0))) = (&tunnel, &config.tunnel.advertise)
@@ -94,6 +101,7 @@ impl BoundController {
             journal,
             agents,
             tunnel,
+            metrics,
             api,
         })
     }
@@ -114,6 +122,7 @@ impl BoundController {
             journal,
             agents,
             tunnel,
+            metrics,
             api,
         } = self;
         let known = Arc::new(
@@ -158,6 +167,15 @@ impl BoundController {
             tasks.spawn(tunnel::serve(
                 into_tokio_tcp(listener)?,
                 config.tunnel.clone(),
+                migrations.clone(),
+                tasks.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(listener) = metrics {
+            tracing::info!(metrics = ?config.listen_metrics, "serving /metrics");
+            tasks.spawn(metrics::serve(
+                into_tokio_tcp(listener)?,
                 migrations.clone(),
                 tasks.clone(),
                 shutdown.clone(),

@@ -514,3 +514,61 @@ fn retained_wal_over_its_limit_is_a_warning_and_the_tunnel_refuses_connections_o
         .wait_for_log_line(Duration::from_secs(10), &["tunnel.max_connections"]);
     assert_eq!(m.status()["subscription"], "streaming");
 }
+
+/// `GET path` over plain HTTP/1.1; returns the response as text.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn prometheus_scrapes_phase_tables_lag_agents_and_the_cutover() {
+    let source = Cluster::builder("source").logical().start();
+    let port = harness::daemons::free_port();
+    let m = Migration::with_controller_args(source, SCHEMA, &["--listen-metrics", &format!("127.0.0.1:{port}")]);
+    let before = http_get(port, "/metrics");
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+    assert!(
+        before.contains("walbridge_migration_phase{phase=\"none\"} 1"),
+        "{before}"
+    );
+    assert!(
+        before.contains("walbridge_agent_connected{agent=\"east\"} 1"),
+        "{before}"
+    );
+
+    start_streaming(&m);
+    let streaming = http_get(port, "/metrics");
+    assert!(
+        streaming.contains("walbridge_migration_phase{phase=\"streaming\"} 1"),
+        "{streaming}"
+    );
+    assert!(
+        streaming.contains("walbridge_table_rows{table=\"public.orders\"} 2000"),
+        "{streaming}"
+    );
+    assert!(streaming.contains("walbridge_subscription_streaming 1"), "{streaming}");
+    for metric in [
+        "walbridge_replication_lag_bytes ",
+        "walbridge_replication_lag_seconds ",
+        "walbridge_retained_wal_bytes ",
+        "walbridge_table_copy_bytes_per_second{table=\"public.orders\"}",
+    ] {
+        assert!(streaming.contains(metric), "{metric} in {streaming}");
+    }
+
+    let (code, _, stderr) = m.cli_json(&["cutover", "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let after = http_get(port, "/metrics");
+    assert!(after.contains("walbridge_cutover_done 1"), "{after}");
+    assert!(after.contains("walbridge_cutover_write_downtime_seconds "), "{after}");
+    assert!(http_get(port, "/elsewhere").starts_with("HTTP/1.1 404"));
+}

@@ -105,6 +105,10 @@ fn each_bad_controller_setting_exits_2_naming_it() {
         ("listen.agents", replace(&good, "--listen-agents", &taken)),
         ("listen.agents", replace(&good, "--listen-agents", "not-an-address")),
         ("listen.tunnel", replace(&good, "--listen-tunnel", &taken)),
+        (
+            "listen.metrics",
+            [good.clone(), vec!["--listen-metrics".into(), taken.clone()]].concat(),
+        ),
         ("listen.tunnel", replace(&good, "--listen-tunnel", "not-an-address")),
         ("tunnel.advertise", replace(&good, "--listen-tunnel", "0.0.0.0:0")),
         (
