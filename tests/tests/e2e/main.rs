@@ -4,6 +4,7 @@
 
 mod cutover;
 mod demo;
+mod deploy;
 mod link;
 mod settings;
 mod support;
