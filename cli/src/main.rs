@@ -135,6 +135,13 @@ enum Command {
     ///
     /// Needs only PostgreSQL's server binaries (pg_config --bindir, WALBRIDGE_PG_BIN or PATH).
     Demo,
+    /// Print a shell completion script (e.g. `walbridge completions bash > /etc/bash_completion.d/walbridge`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `walbridge man > /usr/local/share/man/man1/walbridge.1`.
+    Man,
     /// Make the certificates of an install (no controller needed).
     Certs {
         #[command(subcommand)]
@@ -182,9 +189,14 @@ enum CertsCommand {
     },
 }
 
+/// The CLI's definition with its settings: what parses the arguments, and
+/// what completions and the manual page are generated from.
+fn cli_command() -> clap::Command {
+    add_to_command(Cli::command(), &client::settings())
+}
+
 fn main() -> ExitCode {
-    let command = add_to_command(Cli::command(), &client::settings());
-    let matches = command.get_matches();
+    let matches = cli_command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -200,6 +212,13 @@ fn main() -> ExitCode {
                 },
         } => certs::init(&dir, &controller_hosts, &agents, json),
         Command::Demo => demo::run(),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut cli_command(), "walbridge", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(cli_command())
+            .render(&mut std::io::stdout())
+            .map_err(|e| Failure::Operation(format!("cannot write the manual page: {e}"))),
         Command::Agents { json } => {
             with_controller(&matches, |address| async move { agents::run(&address, json).await })
         }

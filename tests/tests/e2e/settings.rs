@@ -166,3 +166,21 @@ fn a_bad_api_address_in_the_cli_exits_2_naming_it() {
     let out = run_program(CLI, &["agents".into(), "--frobnicate".into()], &[]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn completions_and_the_manual_page_come_from_the_cli_definition() {
+    let bash = run_program(CLI, &["completions".into(), "bash".into()], &[]);
+    assert!(bash.status.success());
+    let bash = String::from_utf8_lossy(&bash.stdout);
+    for word in ["cutover", "release-source", "--max-lag", "--copy-only", "demo"] {
+        assert!(bash.contains(word), "{word} in the bash completions");
+    }
+    let zsh = run_program(CLI, &["completions".into(), "zsh".into()], &[]);
+    assert!(String::from_utf8_lossy(&zsh.stdout).starts_with("#compdef walbridge"));
+    let man = run_program(CLI, &["man".into()], &[]);
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(man.contains(".TH walbridge 1"), "{man}");
+    assert!(man.contains("cutover"), "the manual lists the commands");
+    let bad = run_program(CLI, &["completions".into(), "tcsh".into()], &[]);
+    assert_eq!(bad.status.code(), Some(2), "an unknown shell is bad usage");
+}
