@@ -46,6 +46,9 @@ pub fn settings() -> Vec<Setting> {
             value_name: "HOST:PORT",
             default: None,
         },
+        // The agent's only listener, off by default: for a Prometheus on the
+        // source host (bind it to 127.0.0.1).
+        walbridge_daemon::metrics::METRICS_SETTING,
     ];
     all.extend(TLS_SETTINGS);
     all.extend(LOG_SETTINGS);
@@ -89,6 +92,7 @@ pub struct AgentConfig {
     pub controller: ControllerEndpoint,
     pub identity: Identity,
     pub log_format: LogFormat,
+    pub listen_metrics: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -111,7 +115,9 @@ impl AgentConfig {
         };
         let data_dir = settings.required_path(DATA_DIR)?;
         let pg_dump = settings.required(SOURCE_PG_DUMP)?.to_owned();
+        let listen_metrics = settings.parse::<std::net::SocketAddr>(walbridge_daemon::metrics::LISTEN_METRICS)?;
         Ok(AgentConfig {
+            listen_metrics,
             name,
             data_dir,
             source,

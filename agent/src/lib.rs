@@ -39,6 +39,17 @@ pub use config::AgentConfig;
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, journal: Journal, shutdown: CancellationToken) {
+    run_with_metrics(config, journal, None, shutdown).await;
+}
+
+/// Runs the agent, serving its health on `metrics` when given (bound by
+/// the caller, so a port in use is reported as a bad setting).
+pub async fn run_with_metrics(
+    config: AgentConfig,
+    journal: Journal,
+    metrics: Option<std::net::TcpListener>,
+    shutdown: CancellationToken,
+) {
     let config = Arc::new(config);
     tracing::info!(
         agent = %config.name,
@@ -54,7 +65,29 @@ pub async fn run(config: AgentConfig, journal: Journal, shutdown: CancellationTo
         pg_dump: config.pg_dump.clone(),
         snapshots: Arc::new(snapshot::Snapshots::default()),
         tasks: tasks.clone(),
+        link_up: std::sync::atomic::AtomicBool::new(false),
     });
+    if let Some(listener) = metrics {
+        match listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(listener))
+        {
+            Ok(listener) => {
+                let state = state.clone();
+                let render = move || {
+                    let state = state.clone();
+                    async move { service::render_metrics(&state).await }
+                };
+                tasks.spawn(walbridge_daemon::metrics::serve(
+                    listener,
+                    render,
+                    tasks.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot serve metrics"),
+        }
+    }
     link::run(config, state, shutdown).await;
     // Streams end with their connection; give them a moment to notice.
     tasks.close();

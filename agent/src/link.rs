@@ -128,7 +128,19 @@ async fn session(
         _ = shutdown.cancelled() => return SessionEnd::ShutDown,
     };
     tracing::info!(controller = %address, %peer, "link up: serving the controller");
+    state.link_up.store(true, std::sync::atomic::Ordering::Relaxed);
+    let served = serve(state, tls, peer, shutdown).await;
+    state.link_up.store(false, std::sync::atomic::Ordering::Relaxed);
+    served
+}
 
+/// Serves the controller over one established link until it ends.
+async fn serve(
+    state: &Arc<AgentState>,
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    peer: std::net::SocketAddr,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
     let started = Instant::now();
     let (stream, mut end) = connection::watch(tls, peer);
     let first_error = end.first_error_handle();

@@ -30,14 +30,15 @@ fn main() -> ExitCode {
         .and_then(|config| {
             let journal = Journal::open(&config.data_dir.join("journal"))
                 .map_err(|e| SettingError::new(DATA_DIR, e.to_string()))?;
-            Ok((config, journal))
+            let metrics = walbridge_daemon::metrics::bind(config.listen_metrics)?;
+            Ok((config, journal, metrics))
         });
-    let (config, journal) = match checked {
+    let (config, journal, metrics) = match checked {
         Ok(checked) => checked,
         Err(e) => return process::bad_setting("walbridge-agent", &e),
     };
     process::run("walbridge-agent", config.log_format, |shutdown| async move {
-        walbridge_agent::run(config, journal, shutdown).await;
+        walbridge_agent::run_with_metrics(config, journal, metrics, shutdown).await;
         ExitCode::SUCCESS
     })
 }

@@ -33,6 +33,36 @@ pub struct AgentState {
     pub snapshots: Arc<Snapshots>,
     /// Streams and snapshot holders run here, so shutdown can wait for them.
     pub tasks: tokio_util::task::TaskTracker,
+    /// Whether the link to the controller is up now.
+    pub link_up: std::sync::atomic::AtomicBool,
+}
+
+/// The agent's health for Prometheus: the link, the source, what it holds.
+pub async fn render_metrics(state: &AgentState) -> Result<String, String> {
+    use walbridge_daemon::metrics::{encode, set_gauge};
+    let mut registry = prometheus_client::registry::Registry::default();
+    let link_up = i64::from(state.link_up.load(Ordering::Relaxed));
+    set_gauge(
+        &mut registry,
+        "walbridge_agent_link_up",
+        "Whether the link to the controller is up",
+        link_up,
+    );
+    let reachable = i64::from(source::probe(&state.source).await.unreachable.is_none());
+    set_gauge(
+        &mut registry,
+        "walbridge_agent_source_reachable",
+        "Whether the agent can query the source now",
+        reachable,
+    );
+    let held = state.snapshots.count() as i64;
+    set_gauge(
+        &mut registry,
+        "walbridge_agent_snapshots_held",
+        "Exported snapshots the agent holds open",
+        held,
+    );
+    encode(&registry)
 }
 
 /// One link's service; it counts the calls it answered, so the link can

@@ -134,6 +134,11 @@ impl Snapshots {
         Ok(held)
     }
 
+    /// How many snapshots are held now.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
     pub fn is_held(&self, snapshot: &str) -> bool {
         self.lock().contains_key(snapshot)
     }

@@ -133,6 +133,7 @@ async fn migrate(
             .map_err(|e| fail("agent", &e))?,
         identity: identity(&certs, AGENT)?,
         log_format: LogFormat::Human,
+        listen_metrics: None,
     };
     let journal = Journal::open(&agent_dir.join("journal")).map_err(|e| fail("agent journal", &e))?;
     let agent = tokio::spawn(walbridge_agent::run(agent, journal, shutdown.clone()));

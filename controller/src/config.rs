@@ -19,7 +19,7 @@ pub const TUNNEL_ADVERTISE: &str = "tunnel.advertise";
 pub const TUNNEL_MAX_CONNECTIONS: &str = "tunnel.max_connections";
 pub const TUNNEL_ALLOW: &str = "tunnel.allow";
 pub const RETAINED_WAL_WARNING: &str = "streaming.retained_wal_warning";
-pub const LISTEN_METRICS: &str = "listen.metrics";
+pub use walbridge_daemon::metrics::LISTEN_METRICS;
 
 /// Every setting the controller reads.
 pub fn settings() -> Vec<Setting> {
@@ -81,13 +81,7 @@ pub fn settings() -> Vec<Setting> {
             value_name: "CIDRS",
             default: None,
         },
-        Setting {
-            key: LISTEN_METRICS,
-            help: "where Prometheus scrapes /metrics, HOST:PORT (plain HTTP: keep it on a private network) \
-                   [default: off]",
-            value_name: "HOST:PORT",
-            default: None,
-        },
+        walbridge_daemon::metrics::METRICS_SETTING,
         Setting {
             key: RETAINED_WAL_WARNING,
             help: "warn (status and log) when the slot holds more WAL than this many bytes on the source",

@@ -45,7 +45,7 @@ use walbridge_daemon::journal::Journal;
 use walbridge_daemon::settings::SettingError;
 
 pub use config::ControllerConfig;
-use config::{ApiAddress, DATA_DIR, LISTEN_AGENTS, LISTEN_API, LISTEN_METRICS, LISTEN_TUNNEL};
+use config::{ApiAddress, DATA_DIR, LISTEN_AGENTS, LISTEN_API, LISTEN_TUNNEL};
 
 /// How long shutdown waits for tasks that own state to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -81,10 +81,7 @@ impl BoundController {
             .listen
             .map(|address| bind_tcp(LISTEN_TUNNEL, address))
             .transpose()?;
-        let metrics = config
-            .listen_metrics
-            .map(|address| bind_tcp(LISTEN_METRICS, address))
-            .transpose()?;
+        let metrics = walbridge_daemon::metrics::bind(config.listen_metrics)?;
         let mut config = config;
         // Port 0 picks a free port: the advertised one is the one bound.
         if let (Some(listener), Some((_, 0))) = (&tunnel, &config.tunnel.advertise)

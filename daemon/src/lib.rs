@@ -10,6 +10,7 @@
 
 pub mod connection;
 pub mod journal;
+pub mod metrics;
 pub mod pg;
 pub mod pki;
 pub mod process;

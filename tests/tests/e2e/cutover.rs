@@ -515,18 +515,32 @@ fn retained_wal_over_its_limit_is_a_warning_and_the_tunnel_refuses_connections_o
     assert_eq!(m.status()["subscription"], "streaming");
 }
 
-/// `GET path` over plain HTTP/1.1; returns the response as text.
-fn http_get(port: u16, path: &str) -> String {
+/// `GET path` over plain HTTP/1.1; the response as text, or `None` while
+/// nothing listens there yet.
+fn try_http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )
-    .unwrap();
+    .ok()?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    try_http_get(port, path).unwrap_or_else(|| panic!("nothing answers on port {port}"))
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed),
+/// if the scrape has it.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
 }
 
 #[test]
@@ -536,39 +550,76 @@ fn prometheus_scrapes_phase_tables_lag_agents_and_the_cutover() {
     let m = Migration::with_controller_args(source, SCHEMA, &["--listen-metrics", &format!("127.0.0.1:{port}")]);
     let before = http_get(port, "/metrics");
     assert!(before.starts_with("HTTP/1.1 200"), "{before}");
-    assert!(
-        before.contains("walbridge_migration_phase{phase=\"none\"} 1"),
+    assert_eq!(
+        sample(&before, "walbridge_migration_phase{phase=\"none\"}"),
+        Some(1.0),
         "{before}"
     );
-    assert!(
-        before.contains("walbridge_agent_connected{agent=\"east\"} 1"),
+    assert_eq!(
+        sample(&before, "walbridge_agent_connected{agent=\"east\"}"),
+        Some(1.0),
         "{before}"
     );
 
     start_streaming(&m);
     let streaming = http_get(port, "/metrics");
-    assert!(
-        streaming.contains("walbridge_migration_phase{phase=\"streaming\"} 1"),
-        "{streaming}"
-    );
-    assert!(
-        streaming.contains("walbridge_table_rows{table=\"public.orders\"} 2000"),
-        "{streaming}"
-    );
-    assert!(streaming.contains("walbridge_subscription_streaming 1"), "{streaming}");
-    for metric in [
-        "walbridge_replication_lag_bytes ",
-        "walbridge_replication_lag_seconds ",
-        "walbridge_retained_wal_bytes ",
+    for (series, value) in [
+        ("walbridge_migration_phase{phase=\"streaming\"}", 1.0),
+        ("walbridge_table_rows{table=\"public.orders\"}", 2000.0),
+        ("walbridge_subscription_streaming", 1.0),
+        ("walbridge_warnings", 0.0),
+    ] {
+        assert_eq!(sample(&streaming, series), Some(value), "{series} in {streaming}");
+    }
+    for series in [
+        "walbridge_replication_lag_bytes",
+        "walbridge_replication_lag_seconds",
+        "walbridge_retained_wal_bytes",
         "walbridge_table_copy_bytes_per_second{table=\"public.orders\"}",
     ] {
-        assert!(streaming.contains(metric), "{metric} in {streaming}");
+        assert!(sample(&streaming, series).is_some(), "{series} in {streaming}");
     }
 
     let (code, _, stderr) = m.cli_json(&["cutover", "--json"]);
     assert_eq!(code, Some(0), "{stderr}");
     let after = http_get(port, "/metrics");
-    assert!(after.contains("walbridge_cutover_done 1"), "{after}");
-    assert!(after.contains("walbridge_cutover_write_downtime_seconds "), "{after}");
+    assert_eq!(
+        sample(&after, "walbridge_migration_phase{phase=\"cut_over\"}"),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(sample(&after, "walbridge_cutover_done"), Some(1.0), "{after}");
+    assert!(
+        sample(&after, "walbridge_cutover_write_downtime_seconds").is_some_and(|s| s > 0.0),
+        "{after}"
+    );
     assert!(http_get(port, "/elsewhere").starts_with("HTTP/1.1 404"));
+}
+
+#[test]
+fn the_agent_reports_its_link_and_source_on_its_own_metrics_port() {
+    let source = Cluster::builder("source").logical().start();
+    let install = crate::support::Install::new("localhost", &["east"]);
+    let mut controller = install.start_controller();
+    let port = harness::daemons::free_port();
+    let _agent = harness::daemons::Daemon::start(
+        "agent-east",
+        harness::daemons::AGENT,
+        &[
+            install.agent_args("east", &source.url("postgres"), "localhost"),
+            vec!["--listen-metrics".into(), format!("127.0.0.1:{port}")],
+        ]
+        .concat(),
+        install.path(),
+    );
+    let up = eventually(crate::support::LINK_TIMEOUT, "the link to come up", || {
+        let scrape = try_http_get(port, "/metrics")?;
+        (sample(&scrape, "walbridge_agent_link_up") == Some(1.0)).then_some(scrape)
+    });
+    assert_eq!(sample(&up, "walbridge_agent_source_reachable"), Some(1.0), "{up}");
+    assert_eq!(sample(&up, "walbridge_agent_snapshots_held"), Some(0.0), "{up}");
+    controller.kill();
+    eventually(crate::support::LINK_TIMEOUT, "the agent to see the link down", || {
+        (sample(&http_get(port, "/metrics"), "walbridge_agent_link_up") == Some(0.0)).then_some(())
+    });
 }

@@ -34,6 +34,8 @@ fn each_bad_agent_setting_exits_2_naming_it() {
     std::fs::write(&garbage, "not a certificate\n").unwrap();
     let garbage = garbage.display().to_string();
     let missing = install.path().join("missing.pem").display().to_string();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
 
     let cases: Vec<(&str, Vec<String>)> = vec![
         (
@@ -52,6 +54,10 @@ fn each_bad_agent_setting_exits_2_naming_it() {
         ("tls.ca_cert", replace(&good, "--tls-ca-cert", &garbage)),
         ("tls.key", replace(&good, "--tls-key", &install.key("operator"))),
         ("name", [good.clone(), vec!["--name".into(), "west".into()]].concat()),
+        (
+            "listen.metrics",
+            [good.clone(), vec!["--listen-metrics".into(), taken.clone()]].concat(),
+        ),
         (
             "log.format",
             [good.clone(), vec!["--log-format".into(), "xml".into()]].concat(),
