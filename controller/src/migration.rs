@@ -451,6 +451,12 @@ impl Migrations {
     }
 
     async fn drive(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), StepError> {
+        // One trace for the whole run: every step (and, through the link's
+        // traceparent, the agent's work for it) nests under this span.
+        let run = tracing::info_span!(
+            "migration",
+            migration = self.current()?.map(|r| r.id).unwrap_or_default()
+        );
         loop {
             let Some(mut record) = self.current()? else {
                 return Ok(());
@@ -458,7 +464,7 @@ impl Migrations {
             if !record.phase.is_running() {
                 return Ok(());
             }
-            let span = tracing::info_span!("step", migration = %record.id, phase = record.phase.name());
+            let span = tracing::info_span!(parent: &run, "step", migration = %record.id, phase = record.phase.name());
             let agent = self.wait_for_agent(&record.agent, &shutdown).await?;
             let phase = record.phase.name();
             let step = async {

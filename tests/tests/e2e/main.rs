@@ -9,4 +9,5 @@ mod link;
 mod settings;
 mod support;
 mod sync;
+mod trace;
 mod tunnel;
