@@ -7,6 +7,7 @@ mod client;
 mod demo;
 mod migrate;
 mod output;
+mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

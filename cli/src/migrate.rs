@@ -7,10 +7,12 @@ use walbridge_proto::v1 as wire;
 
 use crate::client::{ApiAddress, connect};
 use crate::output::{Failure, print_json, print_table};
+use crate::progress::Follow;
 
 /// How often `start` and `status --watch` ask the controller.
 const POLL: Duration = Duration::from_millis(200);
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+const CUTOVER_POLL: Duration = Duration::from_millis(100);
 
 fn call_failed(status: tonic::Status) -> Failure {
     match status.code() {
@@ -125,27 +127,34 @@ pub async fn start(address: &ApiAddress, options: StartOptions) -> Result<(), Fa
     if !options.json {
         println!("migration {} started: {} tables", started.migration, started.tables);
     }
-    let mut last_phase = String::new();
+    let mut follow = Follow::new(options.json);
     loop {
         let status = client
             .status(wire::StatusRequest {})
             .await
             .map_err(call_failed)?
             .into_inner();
-        if status.phase != last_phase && !options.json {
-            println!("phase: {}", status.phase);
-            last_phase = status.phase.clone();
-        }
+        follow.update(&status);
         match status.phase.as_str() {
             "copied" | "streaming" => {
+                follow.finish();
                 if options.json {
                     print_json(&StatusView::from(&status));
                 } else {
-                    print_status(&status);
+                    let rows: u64 = status.tables.iter().map(|t| t.rows).sum();
+                    let bytes: u64 = status.tables.iter().map(|t| t.bytes).sum();
+                    println!(
+                        "migration {}: {} tables, {rows} rows, {:.1} MB copied; phase {} (details: walbridge status)",
+                        status.migration,
+                        status.tables.len(),
+                        bytes as f64 / 1e6,
+                        status.phase
+                    );
                 }
                 return Ok(());
             }
             "failed" => {
+                follow.finish();
                 if options.json {
                     print_json(&StatusView::from(&status));
                 }
@@ -306,9 +315,19 @@ fn print_status(status: &wire::StatusResponse) {
 }
 
 fn print_cutover(cutover: &wire::CutoverResponse) {
-    for step in &cutover.steps {
+    print_cutover_steps(cutover, 0);
+    print_cutover_outcome(cutover);
+}
+
+/// Prints the steps after the first `printed`; returns how many are printed.
+fn print_cutover_steps(cutover: &wire::CutoverResponse, printed: usize) -> usize {
+    for step in cutover.steps.iter().skip(printed) {
         println!("cutover {:<10} {:>8.3} s  {}", step.name, step.seconds, step.detail);
     }
+    printed.max(cutover.steps.len())
+}
+
+fn print_cutover_outcome(cutover: &wire::CutoverResponse) {
     if cutover.done {
         println!(
             "cutover done: write downtime {:.3} s (fence at {})",
@@ -357,19 +376,42 @@ pub struct CutoverOptions {
 
 pub async fn cutover(address: &ApiAddress, options: CutoverOptions) -> Result<(), Failure> {
     let mut client = connect(address).await.map_err(Failure::Operation)?;
-    let report = client
-        .cutover(wire::CutoverRequest {
-            max_lag_seconds: options.max_lag.as_secs_f64(),
-            timeout_seconds: options.timeout.as_secs_f64(),
-            dry_run: options.dry_run,
-        })
-        .await
-        .map_err(call_failed)?
-        .into_inner();
+    let request = wire::CutoverRequest {
+        max_lag_seconds: options.max_lag.as_secs_f64(),
+        timeout_seconds: options.timeout.as_secs_f64(),
+        dry_run: options.dry_run,
+    };
+    let mut call = {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.cutover(request).await })
+    };
+    // The steps as they complete, read from status while the call runs.
+    let mut printed = 0;
+    let report = loop {
+        tokio::select! {
+            done = &mut call => {
+                break done
+                    .map_err(|e| Failure::Operation(format!("the cutover call failed: {e}")))?
+                    .map_err(call_failed)?
+                    .into_inner();
+            }
+            _ = tokio::time::sleep(CUTOVER_POLL) => {
+                if options.json {
+                    continue;
+                }
+                if let Ok(status) = client.status(wire::StatusRequest {}).await
+                    && let Some(live) = status.into_inner().cutover
+                {
+                    printed = print_cutover_steps(&live, printed);
+                }
+            }
+        }
+    };
     if options.json {
         print_json(&CutoverView::from(&report));
     } else {
-        print_cutover(&report);
+        print_cutover_steps(&report, printed);
+        print_cutover_outcome(&report);
     }
     if report.done || (options.dry_run && report.error.is_empty()) {
         Ok(())

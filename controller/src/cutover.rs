@@ -32,17 +32,20 @@ pub struct Options {
 }
 
 /// The steps taken so far, each with its duration.
-struct Steps {
+struct Steps<'a> {
     report: CutoverReport,
     last: Instant,
+    /// Where `status` sees the steps while the cutover runs.
+    migrations: &'a Migrations,
 }
 
-impl Steps {
+impl Steps<'_> {
     fn done(&mut self, name: &str, detail: impl Into<String>) {
         let seconds = self.last.elapsed().as_secs_f64();
         let detail = detail.into();
         tracing::info!(step = name, seconds, %detail, "cutover step done");
         self.report.steps.push((name.to_owned(), seconds, detail));
+        self.migrations.set_live_cutover(Some(self.report.clone()));
         self.last = Instant::now();
     }
 }
@@ -85,6 +88,7 @@ pub async fn run(migrations: &Migrations, options: Options) -> Result<wire::Cuto
     let mut steps = Steps {
         report: CutoverReport::default(),
         last: Instant::now(),
+        migrations,
     };
     let deadline = Instant::now() + options.timeout;
 
@@ -130,6 +134,7 @@ pub async fn run(migrations: &Migrations, options: Options) -> Result<wire::Cuto
         }
     }
     record.cutover = Some(steps.report.clone());
+    migrations.set_live_cutover(None);
     save(migrations, &record).await?;
     Ok(report_to_wire(&steps.report))
 }
@@ -198,7 +203,7 @@ async fn fence_and_switch(
     migrations: &Migrations,
     agent: &AgentClient,
     record: &mut MigrationRecord,
-    steps: &mut Steps,
+    steps: &mut Steps<'_>,
     deadline: Instant,
 ) -> Result<(), String> {
     let target = migrations.target().ok_or("target.url is not set")?;

@@ -230,6 +230,9 @@ pub struct TableRecord {
     /// Bytes that crossed the link for it (compressed).
     #[serde(default)]
     pub wire_bytes: u64,
+    /// Its size on the source when planned: what progress is measured by.
+    #[serde(default)]
+    pub size_bytes: u64,
     pub copy_seconds: f64,
     /// How many times this table's copy was started (the status and the
     /// tests use it to show a finished table is not copied again).
@@ -281,6 +284,8 @@ pub struct Migrations {
     running: Mutex<bool>,
     /// Cancels the running drive (abort).
     stop: Mutex<CancellationToken>,
+    /// The running cutover's steps so far, for `status` while it runs.
+    live_cutover: Mutex<Option<CutoverReport>>,
 }
 
 impl std::fmt::Debug for Migrations {
@@ -305,6 +310,7 @@ impl Migrations {
             progress: Mutex::new(Progress::default()),
             running: Mutex::new(false),
             stop: Mutex::new(CancellationToken::new()),
+            live_cutover: Mutex::new(None),
         })
     }
 
@@ -332,6 +338,15 @@ impl Migrations {
         while *lock(&self.running) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The steps a running cutover has done so far.
+    pub fn live_cutover(&self) -> Option<CutoverReport> {
+        lock(&self.live_cutover).clone()
+    }
+
+    pub fn set_live_cutover(&self, report: Option<CutoverReport>) {
+        *lock(&self.live_cutover) = report;
     }
 
     pub async fn save_record(&self, record: &MigrationRecord) -> Result<(), JournalError> {

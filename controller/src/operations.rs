@@ -314,6 +314,7 @@ pub async fn status(migrations: &Migrations) -> Result<wire::StatusResponse, Sta
                 copy_attempts: t.copy_attempts,
                 ranges: t.ranges.len() as u32,
                 wire_bytes: t.wire_bytes,
+                size_bytes: t.size_bytes,
             }
         })
         .collect();
@@ -329,7 +330,12 @@ pub async fn status(migrations: &Migrations) -> Result<wire::StatusResponse, Sta
         slot_active: slot.active,
         subscription,
         warnings,
-        cutover: record.cutover.as_ref().map(crate::cutover::report_to_wire),
+        cutover: match record.phase {
+            Phase::Cutover => migrations.live_cutover(),
+            _ => record.cutover.clone(),
+        }
+        .as_ref()
+        .map(crate::cutover::report_to_wire),
         phase: record.phase.name().to_owned(),
         migration: record.id,
         agent: record.agent,

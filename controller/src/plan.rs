@@ -78,6 +78,7 @@ pub fn plan(catalog: Vec<wire::SourceTable>, selection: &Selection, split_bytes:
                 Vec::new()
             };
             TableRecord {
+                size_bytes: table.size_bytes,
                 name,
                 columns: table
                     .columns
