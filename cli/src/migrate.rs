@@ -197,6 +197,7 @@ struct StatusView {
     retained_wal_bytes: u64,
     slot_active: bool,
     subscription: String,
+    subscription_errors: u64,
     warnings: Vec<String>,
     cutover: Option<CutoverView>,
 }
@@ -261,6 +262,7 @@ impl From<&wire::StatusResponse> for StatusView {
             retained_wal_bytes: status.retained_wal_bytes,
             slot_active: status.slot_active,
             subscription: status.subscription.clone(),
+            subscription_errors: status.subscription_errors,
             warnings: status.warnings.clone(),
             cutover: status.cutover.as_ref().map(CutoverView::from),
         }

@@ -87,6 +87,12 @@ pub async fn render(migrations: &Migrations) -> Result<String, String> {
     );
     set_gauge(
         &mut registry,
+        "walbridge_subscription_errors",
+        "Errors the subscription's workers hit applying changes (PostgreSQL 15+)",
+        status.subscription_errors as i64,
+    );
+    set_gauge(
+        &mut registry,
         "walbridge_warnings",
         "Health warnings now (status lists them)",
         status.warnings.len() as i64,

@@ -212,6 +212,8 @@ pub async fn start(
 pub struct Health {
     pub slot: wire::SlotStatusResponse,
     pub subscription: subscription::State,
+    /// Errors its workers hit (PostgreSQL 15 and later).
+    pub subscription_errors: u64,
     pub warnings: Vec<String>,
 }
 
@@ -263,9 +265,26 @@ pub async fn health(migrations: &Migrations, record: &MigrationRecord) -> Option
             record.subscription
         ));
     }
+    let subscription_errors = match migrations.target() {
+        Some(target) if subscription != subscription::State::Missing => {
+            subscription::errors(target, &record.subscription)
+                .await
+                .unwrap_or_default()
+                .unwrap_or(0)
+        }
+        _ => 0,
+    };
+    if subscription_errors > 0 && record.phase == Phase::Streaming {
+        warnings.push(format!(
+            "subscription {} has hit {subscription_errors} error(s) applying changes; it retries, and the \
+             target's server log says what fails",
+            record.subscription
+        ));
+    }
     Some(Health {
         slot,
         subscription,
+        subscription_errors,
         warnings,
     })
 }
@@ -319,8 +338,13 @@ pub async fn status(migrations: &Migrations) -> Result<wire::StatusResponse, Sta
         })
         .collect();
     let health = health(migrations, &record).await;
-    let (slot, subscription, warnings) = match health {
-        Some(h) => (h.slot, h.subscription.name().to_owned(), h.warnings),
+    let (slot, subscription, subscription_errors, warnings) = match health {
+        Some(h) => (
+            h.slot,
+            h.subscription.name().to_owned(),
+            h.subscription_errors,
+            h.warnings,
+        ),
         None => Default::default(),
     };
     Ok(wire::StatusResponse {
@@ -329,6 +353,7 @@ pub async fn status(migrations: &Migrations) -> Result<wire::StatusResponse, Sta
         retained_wal_bytes: slot.retained_wal_bytes,
         slot_active: slot.active,
         subscription,
+        subscription_errors,
         warnings,
         cutover: match record.phase {
             Phase::Cutover => migrations.live_cutover(),

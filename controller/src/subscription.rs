@@ -143,6 +143,30 @@ pub async fn state(target: &Database, name: &str) -> Result<State, String> {
     })
 }
 
+/// How many errors the subscription's workers have hit (PostgreSQL 15's
+/// `pg_stat_subscription_stats`; `None` on older targets, which only log
+/// them). The messages themselves are in the target's server log.
+pub async fn errors(target: &Database, name: &str) -> Result<Option<u64>, String> {
+    let client = session(target).await?;
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|e| db_message(&e))?
+        .get(0);
+    if version < 150000 {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT (apply_error_count + sync_error_count)::int8 FROM pg_stat_subscription_stats \
+             WHERE subname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(|e| db_message(&e))?;
+    Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+}
+
 /// Stops the subscription and forgets its slot: the target stands alone.
 pub async fn detach(target: &Database, name: &str) -> Result<(), String> {
     let client = session(target).await?;

@@ -623,3 +623,32 @@ fn the_agent_reports_its_link_and_source_on_its_own_metrics_port() {
         (sample(&http_get(port, "/metrics"), "walbridge_agent_link_up") == Some(0.0)).then_some(())
     });
 }
+
+#[test]
+fn an_apply_error_on_the_target_shows_in_status_and_metrics() {
+    let source = Cluster::builder("source").logical().start();
+    let port = harness::daemons::free_port();
+    let m = Migration::with_controller_args(source, SCHEMA, &["--listen-metrics", &format!("127.0.0.1:{port}")]);
+    start_streaming(&m);
+    // A row written on the target behind the subscription's back makes
+    // the source's insert of the same key fail there.
+    m.target
+        .psql(DATABASE, "INSERT INTO orders (id, amount) VALUES (777777, 1)");
+    m.source
+        .psql(DATABASE, "INSERT INTO orders (id, amount) VALUES (777777, 2)");
+    let status = eventually(STREAM_TIMEOUT, "the apply error to be counted", || {
+        let status = m.status();
+        (status["subscription_errors"].as_u64().unwrap_or(0) > 0).then_some(status)
+    });
+    assert!(status["warnings"].to_string().contains("applying changes"), "{status}");
+    let scrape = http_get(port, "/metrics");
+    assert!(
+        sample(&scrape, "walbridge_subscription_errors").is_some_and(|n| n >= 1.0),
+        "{scrape}"
+    );
+    // Once the conflict is gone, the change applies.
+    m.target.psql(DATABASE, "DELETE FROM orders WHERE id = 777777");
+    eventually(STREAM_TIMEOUT, "the source's row to arrive", || {
+        (m.target.psql(DATABASE, "SELECT amount FROM orders WHERE id = 777777") == "2").then_some(())
+    });
+}
