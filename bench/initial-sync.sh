@@ -97,7 +97,6 @@ run_walbridge() {
   record "$label" "$(elapsed "$t0" "$(now)")"
   grep VmHWM "/proc/$controller/status" | awk '{print $2}' >"$work/$label.controller.hwm"
   grep VmHWM "/proc/$agent/status" | awk '{print $2}' >"$work/$label.agent.hwm"
-  "$bin/walbridge" --api "$api" cleanup >/dev/null
   stop_walbridge
   check_target "$label"
 }

@@ -56,8 +56,8 @@ pub enum Phase {
     Copy,
     SchemaPostData,
     ReleaseSnapshot,
-    /// The initial copy is done and verified; with `--copy-only` the
-    /// migration rests here.
+    /// The initial copy is done and verified, and (`--copy-only`) the
+    /// source released: the migration ends here.
     Copied,
     Subscribe,
     /// The subscription applies the source's changes; cutover comes next.
@@ -104,9 +104,10 @@ impl Phase {
         )
     }
 
-    /// Whether the migration is over: a new one may start.
+    /// Whether the migration is over (it holds nothing on the source): a
+    /// new one may start.
     pub fn is_finished(self) -> bool {
-        matches!(self, Phase::Failed | Phase::Aborted | Phase::CleanedUp)
+        matches!(self, Phase::Copied | Phase::Failed | Phase::Aborted | Phase::CleanedUp)
     }
 }
 
@@ -170,6 +171,64 @@ pub struct CutoverReport {
     pub write_downtime_seconds: f64,
     pub fence_lsn: String,
     pub error: String,
+}
+
+/// What [`release_replication`] did.
+#[derive(Debug, Default)]
+pub struct Released {
+    /// One line per object removed.
+    pub removed: Vec<String>,
+    /// One line per object that could not be removed.
+    pub problems: Vec<String>,
+}
+
+/// Releases everything a migration holds for replication on the source:
+/// its snapshot, its slots (current and abandoned: they retain WAL) and
+/// its publication. Each removal is idempotent; all are attempted.
+pub async fn release_replication(agent: &AgentClient, record: &MigrationRecord) -> Released {
+    let mut released = Released::default();
+    if let Some(snapshot) = &record.snapshot
+        && let Err(status) = agent
+            .clone()
+            .release_snapshot(wire::ReleaseSnapshotRequest {
+                snapshot: snapshot.name.clone(),
+            })
+            .await
+    {
+        released
+            .problems
+            .push(format!("snapshot {}: {}", snapshot.name, status.message()));
+    }
+    let slots = record.stale_slots.iter().chain(std::iter::once(&record.slot));
+    for slot in slots {
+        let publication = if slot == &record.slot {
+            record.publication.clone()
+        } else {
+            String::new()
+        };
+        match agent
+            .clone()
+            .drop_replication(wire::DropReplicationRequest {
+                slot: slot.clone(),
+                publication: publication.clone(),
+            })
+            .await
+        {
+            Ok(dropped) => {
+                let dropped = dropped.into_inner();
+                if dropped.dropped_slot {
+                    released.removed.push(format!("replication slot {slot} on the source"));
+                }
+                if dropped.dropped_publication {
+                    released
+                        .removed
+                        .push(format!("publication {publication} on the source"));
+                }
+            }
+            Err(status) => released.problems.push(format!("{slot}: {}", status.message())),
+        }
+    }
+    released
 }
 
 /// How the controller runs migrations (from its settings).
@@ -427,41 +486,18 @@ impl Migrations {
                 record.agent, record.slot, record.publication
             );
         };
-        let mut client = agent.client;
-        if let Some(snapshot) = &record.snapshot {
-            let _ = client
-                .release_snapshot(wire::ReleaseSnapshotRequest {
-                    snapshot: snapshot.name.clone(),
-                })
-                .await;
-        }
-        let mut slots = record.stale_slots.clone();
-        slots.push(record.slot.clone());
-        let mut problems = Vec::new();
-        for (i, slot) in slots.iter().enumerate() {
-            let publication = if i + 1 == slots.len() {
-                record.publication.clone()
-            } else {
-                String::new()
-            };
-            if let Err(status) = client
-                .drop_replication(wire::DropReplicationRequest {
-                    slot: slot.clone(),
-                    publication,
-                })
-                .await
-            {
-                problems.push(format!("{slot}: {}", status.message()));
-            }
-        }
-        if problems.is_empty() {
+        let released = release_replication(&agent.client, record).await;
+        if released.problems.is_empty() {
             format!(
                 "after the failure, slot {} and publication {} were dropped from the source; the target keeps \
                  what the migration created there",
                 record.slot, record.publication
             )
         } else {
-            format!("after the failure, cleaning the source failed: {}", problems.join("; "))
+            format!(
+                "after the failure, cleaning the source failed: {}",
+                released.problems.join("; ")
+            )
         }
     }
 
@@ -849,6 +885,19 @@ impl Migrations {
                 .map_err(|s| StepError::Failed(s.message().to_owned()))?;
         }
         record.phase = if record.copy_only {
+            // Nothing will stream from the slot: it would only hold WAL on
+            // the source's disk. The migration ends here, leaving nothing.
+            let released = release_replication(agent, record).await;
+            if !released.problems.is_empty() {
+                return Err(StepError::Failed(format!(
+                    "the copy is done, but releasing the source failed: {}",
+                    released.problems.join("; ")
+                )));
+            }
+            record.snapshot = None;
+            record
+                .events
+                .push(format!("copy only: removed {}", released.removed.join(", ")));
             Phase::Copied
         } else {
             Phase::Subscribe

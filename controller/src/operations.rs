@@ -126,7 +126,6 @@ pub async fn start(
     }
     if let Some(current) = migrations.current().map_err(|e| Status::internal(e.to_string()))?
         && !current.phase.is_finished()
-        && current.phase != Phase::Copied
     {
         return Err(Status::failed_precondition(format!(
             "migration {} is in phase {}: finish it (`walbridge cleanup`) or `walbridge abort` it first",
@@ -519,37 +518,15 @@ async fn remove_everything(
                 .map_err(Status::unavailable)?,
         );
     }
-    if let Some(snapshot) = record.snapshot.take() {
-        agent
-            .clone()
-            .release_snapshot(wire::ReleaseSnapshotRequest {
-                snapshot: snapshot.name,
-            })
-            .await?;
+    let released = crate::migration::release_replication(&agent, &record).await;
+    removed.extend(released.removed);
+    if !released.problems.is_empty() {
+        return Err(Status::unavailable(format!(
+            "could not release the source: {}",
+            released.problems.join("; ")
+        )));
     }
-    let mut slots = record.stale_slots.clone();
-    slots.push(record.slot.clone());
-    for slot in &slots {
-        let publication = if slot == &record.slot {
-            record.publication.clone()
-        } else {
-            String::new()
-        };
-        let dropped = agent
-            .clone()
-            .drop_replication(wire::DropReplicationRequest {
-                slot: slot.clone(),
-                publication: publication.clone(),
-            })
-            .await?
-            .into_inner();
-        if dropped.dropped_slot {
-            removed.push(format!("replication slot {slot} on the source"));
-        }
-        if dropped.dropped_publication {
-            removed.push(format!("publication {publication} on the source"));
-        }
-    }
+    record.snapshot = None;
     release_fence(&agent, &record, &mut removed).await?;
     record.fence_sealed = false;
     record.phase = phase;

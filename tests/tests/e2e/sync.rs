@@ -168,6 +168,9 @@ fn the_copy_is_exactly_the_snapshot_not_later_writes() {
     let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json", "--copy-only"]);
     assert_eq!(code, Some(0), "start: {stderr}");
     assert_eq!(status["phase"], "copied", "{status}");
+    // Nothing streams from a copy-only migration's slot: it is gone, so
+    // it holds no WAL on the source.
+    assert_eq!(m.source_replication_objects(), (String::new(), String::new()));
     // The writer is still going: the source moves on past the snapshot.
     let before_stop: u64 = m.source.psql(DATABASE, "SELECT count(*) FROM feed").parse().unwrap();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
