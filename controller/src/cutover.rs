@@ -16,7 +16,10 @@ use walbridge_proto::v1 as wire;
 use wire::fence_command::Command;
 use wire::fence_event::Event;
 
-use crate::migration::{APPLICATION_NAME, CutoverReport, MigrationRecord, Migrations, Phase};
+use tokio_postgres::Client;
+
+use crate::migration::{CutoverReport, MigrationRecord, Migrations, Phase};
+use crate::operations::{self, save};
 use crate::registry::AgentClient;
 use crate::subscription::{self, State};
 use crate::transfer::db_message;
@@ -69,10 +72,7 @@ pub fn report_to_wire(report: &CutoverReport) -> wire::CutoverResponse {
 }
 
 pub async fn run(migrations: &Migrations, options: Options) -> Result<wire::CutoverResponse, Status> {
-    let mut record = migrations
-        .current()
-        .map_err(|e| Status::internal(e.to_string()))?
-        .ok_or_else(|| Status::failed_precondition("there is no migration: run `walbridge start` first"))?;
+    let mut record = operations::current(migrations)?;
     if record.phase != Phase::Streaming {
         return Err(Status::failed_precondition(format!(
             "migration {} is in phase {}: cutover needs it streaming",
@@ -80,19 +80,21 @@ pub async fn run(migrations: &Migrations, options: Options) -> Result<wire::Cuto
             record.phase.name()
         )));
     }
-    let agent = migrations
-        .registry()
-        .get(&record.agent)
-        .ok_or_else(|| Status::unavailable(format!("agent {} is not connected", record.agent)))?
-        .client;
+    let agent = operations::agent_client(migrations, &record.agent)?;
     let mut steps = Steps {
         report: CutoverReport::default(),
         last: Instant::now(),
         migrations,
     };
     let deadline = Instant::now() + options.timeout;
+    let target = migrations
+        .target()
+        .ok_or_else(|| Status::failed_precondition("target.url is not set on the controller"))?;
+    // One session for the whole cutover: it polls, and it must not pay a
+    // connection per question while writes wait.
+    let target = subscription::session(target).await.map_err(Status::unavailable)?;
 
-    let lag = wait_for_lag(migrations, &agent, &record, options, deadline)
+    let lag = wait_for_lag(&target, &agent, &record, options, deadline)
         .await
         .map_err(Status::deadline_exceeded)?;
     steps.done(
@@ -114,7 +116,7 @@ pub async fn run(migrations: &Migrations, options: Options) -> Result<wire::Cuto
 
     record.phase = Phase::Cutover;
     save(migrations, &record).await?;
-    let outcome = fence_and_switch(migrations, &agent, &mut record, &mut steps, deadline).await;
+    let outcome = fence_and_switch(migrations, &target, &agent, &mut record, &mut steps, deadline).await;
     match outcome {
         Ok(()) => {
             steps.report.done = true;
@@ -139,14 +141,7 @@ pub async fn run(migrations: &Migrations, options: Options) -> Result<wire::Cuto
     Ok(report_to_wire(&steps.report))
 }
 
-async fn save(migrations: &Migrations, record: &MigrationRecord) -> Result<(), Status> {
-    migrations
-        .save_record(record)
-        .await
-        .map_err(|e| Status::internal(e.to_string()))
-}
-
-async fn slot_status(agent: &AgentClient, slot: &str) -> Result<wire::SlotStatusResponse, String> {
+pub(crate) async fn slot_status(agent: &AgentClient, slot: &str) -> Result<wire::SlotStatusResponse, String> {
     agent
         .clone()
         .slot_status(wire::SlotStatusRequest { slot: slot.to_owned() })
@@ -166,13 +161,12 @@ async fn sequences(agent: &AgentClient) -> Result<Vec<wire::SequenceState>, Stri
 
 /// Waits until the subscription streams and its lag is within the bound.
 async fn wait_for_lag(
-    migrations: &Migrations,
+    target: &Client,
     agent: &AgentClient,
     record: &MigrationRecord,
     options: Options,
     deadline: Instant,
 ) -> Result<f64, String> {
-    let target = migrations.target().ok_or("target.url is not set")?;
     loop {
         let slot = slot_status(agent, &record.slot).await?;
         let state = subscription::state(target, &record.subscription).await?;
@@ -201,12 +195,12 @@ fn remaining(deadline: Instant) -> Duration {
 /// is done, the fence is lifted (or was never sealed) before returning.
 async fn fence_and_switch(
     migrations: &Migrations,
+    target: &Client,
     agent: &AgentClient,
     record: &mut MigrationRecord,
     steps: &mut Steps<'_>,
     deadline: Instant,
 ) -> Result<(), String> {
-    let target = migrations.target().ok_or("target.url is not set")?;
     let (commands, command_stream) = mpsc::channel(2);
     let hold = wire::FenceHold {
         migration: record.id.clone(),
@@ -313,40 +307,33 @@ async fn catch_up(agent: &AgentClient, slot: &str, fence_lsn: &str, deadline: In
     }
 }
 
-/// Sets every target sequence from the source's state, in one transaction.
-async fn copy_sequences(agent: &AgentClient, target: &walbridge_daemon::pg::Database) -> Result<String, String> {
+/// Sets every target sequence from the source's state: one statement, so
+/// one round trip while writes wait, however many sequences there are.
+async fn copy_sequences(agent: &AgentClient, target: &Client) -> Result<String, String> {
     let sequences = sequences(agent).await?;
-    let mut client = target
-        .connect(APPLICATION_NAME)
+    let names: Vec<String> = sequences
+        .iter()
+        .map(|s| walbridge_proto::convert::name_from_wire(s.name.clone().unwrap_or_default()).quoted())
+        .collect();
+    let values: Vec<i64> = sequences.iter().map(|s| s.last_value).collect();
+    let called: Vec<bool> = sequences.iter().map(|s| s.is_called).collect();
+    // The projection runs after the filter: setval only sees sequences
+    // that exist on the target; the ones it set come back.
+    let rows = target
+        .query(
+            "SELECT name, setval(name::regclass, value, called) \
+             FROM unnest($1::text[], $2::int8[], $3::bool[]) AS s(name, value, called) \
+             WHERE to_regclass(name) IS NOT NULL",
+            &[&names as &(dyn tokio_postgres::types::ToSql + Sync), &values, &called],
+        )
         .await
-        .map_err(|e| format!("cannot connect to the target: {}", db_message(&e)))?;
-    let transaction = client.transaction().await.map_err(|e| db_message(&e))?;
-    let (mut set, mut missing) = (0, Vec::new());
-    for sequence in sequences {
-        let name = walbridge_proto::convert::name_from_wire(sequence.name.unwrap_or_default());
-        let quoted = name.quoted();
-        let exists: bool = transaction
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quoted])
-            .await
-            .map_err(|e| db_message(&e))?
-            .get(0);
-        if !exists {
-            missing.push(quoted);
-            continue;
-        }
-        transaction
-            .execute(
-                "SELECT setval($1::text::regclass, $2, $3)",
-                &[&quoted, &sequence.last_value, &sequence.is_called],
-            )
-            .await
-            .map_err(|e| format!("setting sequence {quoted} failed: {}", db_message(&e)))?;
-        set += 1;
-    }
-    transaction.commit().await.map_err(|e| db_message(&e))?;
+        .map_err(|e| format!("setting the sequences failed: {}", db_message(&e)))?;
+    let set: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+    let missing: Vec<&String> = names.iter().filter(|n| !set.contains(*n)).collect();
     Ok(if missing.is_empty() {
-        format!("{set} sequences set from the source")
+        format!("{} sequences set from the source", set.len())
     } else {
-        format!("{set} sequences set; not on the target: {}", missing.join(", "))
+        let missing: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+        format!("{} sequences set; not on the target: {}", set.len(), missing.join(", "))
     })
 }

@@ -944,7 +944,8 @@ impl Migrations {
         record: &mut MigrationRecord,
     ) -> Result<(), StepError> {
         let target = self.target_db()?;
-        let detached = subscription::state(target, &record.subscription)
+        let client = subscription::session(target).await.map_err(StepError::Failed)?;
+        let detached = subscription::state(&client, &record.subscription)
             .await
             .map_err(StepError::Failed)?
             == subscription::State::Detached;

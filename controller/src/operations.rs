@@ -35,7 +35,7 @@ pub fn selection_from_wire(selection: Option<wire::TableSelection>) -> Selection
     }
 }
 
-fn agent_client(migrations: &Migrations, name: &str) -> Result<AgentClient, Status> {
+pub(crate) fn agent_client(migrations: &Migrations, name: &str) -> Result<AgentClient, Status> {
     if let Some(agent) = migrations.registry().get(name) {
         return Ok(agent.client);
     }
@@ -222,20 +222,12 @@ pub async fn health(migrations: &Migrations, record: &MigrationRecord) -> Option
     }
     let mut warnings = Vec::new();
     let slot = match migrations.registry().get(&record.agent) {
-        Some(agent) => match agent
-            .client
-            .clone()
-            .slot_status(wire::SlotStatusRequest {
-                slot: record.slot.clone(),
-            })
+        Some(agent) => crate::cutover::slot_status(&agent.client, &record.slot)
             .await
-        {
-            Ok(response) => response.into_inner(),
-            Err(status) => {
-                warnings.push(format!("cannot read the slot: {}", status.message()));
+            .unwrap_or_else(|problem| {
+                warnings.push(problem);
                 wire::SlotStatusResponse::default()
-            }
-        },
+            }),
         None => {
             warnings.push(format!("agent {} is not connected: lag is unknown", record.agent));
             wire::SlotStatusResponse::default()
@@ -249,30 +241,23 @@ pub async fn health(migrations: &Migrations, record: &MigrationRecord) -> Option
             record.slot, slot.retained_wal_bytes
         ));
     }
-    let subscription = match migrations.target() {
-        Some(target) => subscription::state(target, &record.subscription)
-            .await
-            .unwrap_or_else(|e| {
-                warnings.push(format!("cannot read the subscription: {e}"));
-                subscription::State::Missing
-            }),
-        None => subscription::State::Missing,
+    let observed = match migrations.target() {
+        Some(target) => match subscription::session(target).await {
+            Ok(client) => subscription::health(&client, &record.subscription).await,
+            Err(e) => Err(e),
+        },
+        None => Ok((subscription::State::Missing, 0)),
     };
+    let (subscription, subscription_errors) = observed.unwrap_or_else(|e| {
+        warnings.push(format!("cannot read the subscription: {e}"));
+        (subscription::State::Missing, 0)
+    });
     if record.phase == Phase::Streaming && subscription == subscription::State::Disabled {
         warnings.push(format!(
             "subscription {} is disabled: nothing is applied (the target's server log says why)",
             record.subscription
         ));
     }
-    let subscription_errors = match migrations.target() {
-        Some(target) if subscription != subscription::State::Missing => {
-            subscription::errors(target, &record.subscription)
-                .await
-                .unwrap_or_default()
-                .unwrap_or(0)
-        }
-        _ => 0,
-    };
     if subscription_errors > 0 && record.phase == Phase::Streaming {
         warnings.push(format!(
             "subscription {} has hit {subscription_errors} error(s) applying changes; it retries, and the \
@@ -472,14 +457,14 @@ pub async fn abort(migrations: &Migrations) -> Result<wire::CleanupResponse, Sta
     remove_everything(migrations, record, phase).await
 }
 
-fn current(migrations: &Migrations) -> Result<MigrationRecord, Status> {
+pub(crate) fn current(migrations: &Migrations) -> Result<MigrationRecord, Status> {
     migrations
         .current()
         .map_err(|e| Status::internal(e.to_string()))?
-        .ok_or_else(|| Status::failed_precondition("there is no migration"))
+        .ok_or_else(|| Status::failed_precondition("there is no migration: run `walbridge start` first"))
 }
 
-async fn save(migrations: &Migrations, record: &MigrationRecord) -> Result<(), Status> {
+pub(crate) async fn save(migrations: &Migrations, record: &MigrationRecord) -> Result<(), Status> {
     migrations
         .save_record(record)
         .await

@@ -3,6 +3,7 @@
 //! the remote slot (through a tunnel that may be gone): the slot is
 //! detached first and the agent drops it.
 
+use tokio_postgres::Client;
 use walbridge_daemon::pg::Database;
 use walbridge_migration::ident::{quote_ident, quote_literal};
 use walbridge_proto::v1 as wire;
@@ -35,7 +36,9 @@ impl State {
     }
 }
 
-async fn session(target: &Database) -> Result<tokio_postgres::Client, String> {
+/// One session on the target; pass it to the functions below so a caller
+/// that polls (cutover, status) does not connect per question.
+pub async fn session(target: &Database) -> Result<Client, String> {
     target
         .connect(APPLICATION_NAME)
         .await
@@ -59,11 +62,7 @@ pub async fn create(
     if let Some(oid) = oid(&client, &record.subscription).await? {
         return Ok(oid);
     }
-    let target_version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .map_err(|e| db_message(&e))?
-        .get(0);
+    let target_version = server_version(&client).await?;
     let source_version = source.server_version_num as i32;
     let mut conninfo = vec![
         format!("host={}", conninfo_value(host)),
@@ -108,7 +107,15 @@ pub async fn create(
         .ok_or_else(|| "the subscription vanished right after its creation".to_owned())
 }
 
-async fn oid(client: &tokio_postgres::Client, name: &str) -> Result<Option<u32>, String> {
+async fn server_version(client: &Client) -> Result<i32, String> {
+    Ok(client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|e| db_message(&e))?
+        .get(0))
+}
+
+async fn oid(client: &Client, name: &str) -> Result<Option<u32>, String> {
     Ok(client
         .query_opt(
             "SELECT oid FROM pg_subscription WHERE subname = $1 \
@@ -120,8 +127,7 @@ async fn oid(client: &tokio_postgres::Client, name: &str) -> Result<Option<u32>,
         .map(|row| row.get(0)))
 }
 
-pub async fn state(target: &Database, name: &str) -> Result<State, String> {
-    let client = session(target).await?;
+pub async fn state(client: &Client, name: &str) -> Result<State, String> {
     let row = client
         .query_opt(
             "SELECT s.subenabled, s.subslotname IS NULL, EXISTS (SELECT 1 FROM pg_stat_subscription st \
@@ -143,33 +149,28 @@ pub async fn state(target: &Database, name: &str) -> Result<State, String> {
     })
 }
 
-/// How many errors the subscription's workers have hit (PostgreSQL 15's
-/// `pg_stat_subscription_stats`; `None` on older targets, which only log
+/// Its state and how many errors its workers have hit (PostgreSQL 15's
+/// `pg_stat_subscription_stats`; 0 on older targets, which only log
 /// them). The messages themselves are in the target's server log.
-pub async fn errors(target: &Database, name: &str) -> Result<Option<u64>, String> {
-    let client = session(target).await?;
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .map_err(|e| db_message(&e))?
-        .get(0);
-    if version < 150000 {
-        return Ok(None);
+pub async fn health(client: &Client, name: &str) -> Result<(State, u64), String> {
+    let state = state(client, name).await?;
+    if state == State::Missing || server_version(client).await? < 150000 {
+        return Ok((state, 0));
     }
-    let row = client
+    let errors = client
         .query_opt(
             "SELECT (apply_error_count + sync_error_count)::int8 FROM pg_stat_subscription_stats \
              WHERE subname = $1",
             &[&name],
         )
         .await
-        .map_err(|e| db_message(&e))?;
-    Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+        .map_err(|e| db_message(&e))?
+        .map_or(0, |r| r.get::<_, i64>(0) as u64);
+    Ok((state, errors))
 }
 
 /// Stops the subscription and forgets its slot: the target stands alone.
-pub async fn detach(target: &Database, name: &str) -> Result<(), String> {
-    let client = session(target).await?;
+pub async fn detach(client: &Client, name: &str) -> Result<(), String> {
     for statement in [
         format!("ALTER SUBSCRIPTION {} DISABLE", quote_ident(name)),
         format!("ALTER SUBSCRIPTION {} SET (slot_name = NONE)", quote_ident(name)),
@@ -185,13 +186,13 @@ pub async fn detach(target: &Database, name: &str) -> Result<(), String> {
 /// Drops the subscription (detaching it first) and its replication
 /// origin if PostgreSQL left it behind. Says what it removed.
 pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Vec<String>, String> {
+    let client = session(target).await?;
     let mut removed = Vec::new();
-    let current = state(target, name).await?;
+    let current = state(&client, name).await?;
     if current != State::Missing {
         if current != State::Detached {
-            detach(target, name).await?;
+            detach(&client, name).await?;
         }
-        let client = session(target).await?;
         client
             .batch_execute(&format!("DROP SUBSCRIPTION {}", quote_ident(name)))
             .await
@@ -200,7 +201,6 @@ pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Vec<Strin
     }
     if oid != 0 {
         let origin = format!("pg_{oid}");
-        let client = session(target).await?;
         let leaked = client
             .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&origin])
             .await
