@@ -12,9 +12,7 @@ source "$(dirname "$0")/lib.sh"
 
 build_release
 start_clusters
-echo "== loading the source: pgbench -i -s $SCALE"
-"$pg_bin/pgbench" -i -q -s "$SCALE" "$source_url" 2>&1 | tail -1
-on_source "ALTER TABLE pgbench_history REPLICA IDENTITY FULL"
+load_pgbench "$SCALE"
 fresh_target footprint
 start_walbridge footprint
 

@@ -6,7 +6,7 @@
 # the source to the cutover's end), the lag before cutover, and the
 # tunnel's overhead (steady-state lag and source TPS, tunnel vs direct).
 #
-#   bash bench/cutover.sh                 # SCALE=10 RATE=400 CLIENTS=4
+#   bash bench/cutover.sh                 # SCALE=10 RATE=400 CLIENTS=4 SEQUENCES=0
 #
 # Needs: PostgreSQL server binaries, pgbench, python3, cargo.
 set -euo pipefail
@@ -15,13 +15,18 @@ SCALE=${SCALE:-10}
 RATE=${RATE:-400}
 CLIENTS=${CLIENTS:-4}
 STEADY_SECONDS=${STEADY_SECONDS:-15}
+SEQUENCES=${SEQUENCES:-0}
 source "$(dirname "$0")/lib.sh"
 
 build_release
 start_clusters
-echo "== loading the source: pgbench -i -s $SCALE"
-"$pg_bin/pgbench" -i -q -s "$SCALE" "$source_url" 2>&1 | tail -1
-on_source "ALTER TABLE pgbench_history REPLICA IDENTITY FULL"
+load_pgbench "$SCALE"
+# Sequences the cutover copies while writes are fenced.
+if [ "$SEQUENCES" -gt 0 ]; then
+  on_source "DO \$\$ BEGIN FOR i IN 1..$SEQUENCES LOOP
+    EXECUTE format('CREATE SEQUENCE bench_seq_%s', i); PERFORM nextval(format('bench_seq_%s', i));
+  END LOOP; END \$\$"
+fi
 
 # One migration under load; $1 is the label, $2... extra `start` flags.
 run() {

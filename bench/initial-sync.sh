@@ -18,8 +18,8 @@ source "$(dirname "$0")/lib.sh"
 build_release
 start_clusters
 
-echo "== loading the source: pgbench -i -s $SCALE, and ~${WIDE_MB} MB of wide rows"
-"$pg_bin/pgbench" -i -q -s "$SCALE" "$source_url" 2>&1 | tail -1
+load_pgbench "$SCALE"
+echo "== and ~${WIDE_MB} MB of wide rows"
 # Wide rows (~2 kB): text, jsonb and bytea, like application data that is
 # neither all-random nor all-repeat.
 wide_rows=$((WIDE_MB * 1024 * 1024 / 2200))
@@ -33,9 +33,6 @@ on_source "CREATE TABLE wide (id bigint PRIMARY KEY, note text, doc jsonb, blob 
   FROM generate_series(1, $wide_rows) i, generate_series(1, 40) j
   GROUP BY i"
 on_source "VACUUM ANALYZE"
-# pgbench_history has no key; preflight (rightly) refuses to publish it
-# without a replica identity. The other variants do not care.
-on_source "ALTER TABLE pgbench_history REPLICA IDENTITY FULL"
 source_size=$(on_source "SELECT pg_database_size('bench')")
 echo "source database: $((source_size / 1024 / 1024)) MB"
 

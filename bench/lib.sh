@@ -52,9 +52,13 @@ target_url() { echo "postgres://postgres@127.0.0.1:$tp/$1"; }
 on_source() { "$pg_bin/psql" -X -q -At -v ON_ERROR_STOP=1 "$source_url" -c "$1"; }
 on_target() { "$pg_bin/psql" -X -q -At -v ON_ERROR_STOP=1 "$(target_url "$1")" -c "$2"; }
 
+# NO_BUILD=1 uses the release binaries already in target/release (to
+# compare a build against the next one).
 build_release() {
-  echo "== building release binaries"
-  (cd "$root" && cargo build --release --locked -q -p walbridge-agent -p walbridge-controller -p walbridge-cli)
+  if [ -z "${NO_BUILD:-}" ]; then
+    echo "== building release binaries"
+    (cd "$root" && cargo build --release --locked -q -p walbridge-agent -p walbridge-controller -p walbridge-cli)
+  fi
   bin=$root/target/release
   "$bin/walbridge" certs init --dir "$work/certs" --controller-host localhost --agent bench >/dev/null
 }
@@ -100,6 +104,14 @@ start_walbridge() {
     [ $SECONDS -lt $deadline ] || { echo "!! the agent did not connect" >&2; cat "$work/$label".*.log >&2; exit 1; }
     sleep 0.2
   done
+}
+
+# pgbench -i -s $1 on the source; pgbench_history gets a replica
+# identity (it has no key, and preflight rightly refuses to publish it).
+load_pgbench() {
+  echo "== loading the source: pgbench -i -s $1"
+  "$pg_bin/pgbench" -i -q -s "$1" "$source_url" 2>&1 | tail -1
+  on_source "ALTER TABLE pgbench_history REPLICA IDENTITY FULL"
 }
 
 stop_walbridge() {
