@@ -3,7 +3,6 @@
 //! reaches the source.
 
 use tokio_postgres::Client;
-use tokio_postgres::config::Host;
 use walbridge_daemon::pg::Database;
 use walbridge_migration::ident::QualifiedName;
 use walbridge_proto::convert::name_to_wire;
@@ -66,14 +65,9 @@ pub async fn sequences(client: &Client) -> Result<Vec<wire::SequenceState>, toki
 /// The source as the agent reaches it, password included.
 pub fn subscription_connection(source: &Database, server_version_num: u32) -> wire::SubscriptionConnectionResponse {
     let config = source.config();
-    let host = match config.get_hosts().first() {
-        Some(Host::Tcp(host)) => host.clone(),
-        Some(Host::Unix(dir)) => dir.display().to_string(),
-        None => String::new(),
-    };
     wire::SubscriptionConnectionResponse {
-        host,
-        port: config.get_ports().first().copied().unwrap_or(5432) as u32,
+        host: source.libpq_host().unwrap_or_default(),
+        port: source.endpoint().map_or(0, |(_, port)| u32::from(port)),
         user: config.get_user().unwrap_or_default().to_owned(),
         password: config
             .get_password()

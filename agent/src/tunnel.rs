@@ -28,11 +28,9 @@ pub enum SourceAddress {
 
 impl SourceAddress {
     pub fn of(source: &Database) -> Result<SourceAddress, String> {
-        let config = source.config();
-        let port = config.get_ports().first().copied().unwrap_or(5432);
-        match config.get_hosts().first() {
-            Some(Host::Tcp(host)) => Ok(SourceAddress::Tcp(host.clone(), port)),
-            Some(Host::Unix(dir)) => Ok(SourceAddress::Unix(dir.join(format!(".s.PGSQL.{port}")))),
+        match source.endpoint() {
+            Some((Host::Tcp(host), port)) => Ok(SourceAddress::Tcp(host.clone(), port)),
+            Some((Host::Unix(dir), port)) => Ok(SourceAddress::Unix(dir.join(format!(".s.PGSQL.{port}")))),
             None => Err("source.url names no host".to_owned()),
         }
     }

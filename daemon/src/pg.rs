@@ -13,6 +13,8 @@ use crate::settings::SettingError;
 
 /// How long a connection attempt may take before it is reported as failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// libpq's port when a URL names none.
+const DEFAULT_PORT: u16 = 5432;
 
 /// A database to connect to, parsed from a libpq URL or key=value string.
 #[derive(Clone)]
@@ -72,6 +74,20 @@ impl Database {
         &self.config
     }
 
+    /// The first host and its port (libpq's default port when none).
+    pub fn endpoint(&self) -> Option<(&Host, u16)> {
+        let port = self.config.get_ports().first().copied().unwrap_or(DEFAULT_PORT);
+        self.config.get_hosts().first().map(|host| (host, port))
+    }
+
+    /// The first host as libpq takes it: a name, or a socket folder.
+    pub fn libpq_host(&self) -> Option<String> {
+        self.endpoint().map(|(host, _)| match host {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
+        })
+    }
+
     /// libpq's environment variables for this database, for a child process
     /// such as pg_dump: the password travels in the child's environment,
     /// never on a command line that `ps` shows.
@@ -81,14 +97,8 @@ impl Database {
             ("PGDATABASE".to_owned(), self.database_name().to_owned()),
             ("PGCONNECT_TIMEOUT".to_owned(), CONNECT_TIMEOUT.as_secs().to_string()),
         ];
-        if let Some(host) = self.config.get_hosts().first() {
-            let host = match host {
-                Host::Tcp(name) => name.clone(),
-                Host::Unix(path) => path.display().to_string(),
-            };
+        if let (Some(host), Some((_, port))) = (self.libpq_host(), self.endpoint()) {
             env.push(("PGHOST".to_owned(), host));
-        }
-        if let Some(port) = self.config.get_ports().first() {
             env.push(("PGPORT".to_owned(), port.to_string()));
         }
         if let Some(user) = self.config.get_user() {
@@ -137,6 +147,16 @@ pub fn db_message(error: &tokio_postgres::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_endpoint_is_the_first_host_with_libpqs_default_port() {
+        let tcp = Database::parse("source.url", "postgres://app@db.example/shop").unwrap();
+        assert_eq!(tcp.libpq_host().as_deref(), Some("db.example"));
+        assert_eq!(tcp.endpoint().map(|(_, port)| port), Some(5432));
+        let socket = Database::parse("source.url", "postgres://app@%2Frun%2Fpg:6000/shop").unwrap();
+        assert_eq!(socket.libpq_host().as_deref(), Some("/run/pg"));
+        assert!(matches!(socket.endpoint(), Some((Host::Unix(_), 6000))));
+    }
 
     #[test]
     fn redacts_the_password_and_names_the_setting() {
