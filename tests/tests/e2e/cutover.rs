@@ -435,6 +435,41 @@ fn abort_while_streaming_removes_the_replication_objects_on_both_sides() {
 }
 
 #[test]
+fn closing_either_end_of_a_tunnel_connection_closes_the_other() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(source, SCHEMA);
+    start_streaming(&m);
+    let through_tunnel = format!(
+        "postgres://postgres:{}@127.0.0.1:{}/{DATABASE}",
+        m.source.password(),
+        m.install.tunnel_port
+    );
+    let backend_alive = |pid: &str| {
+        m.source.psql(
+            DATABASE,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+        ) == "1"
+    };
+
+    // The source ends it: the client's side closes.
+    let client = Session::open(&through_tunnel);
+    let pid = client.value("SELECT pg_backend_pid()").unwrap();
+    assert!(backend_alive(&pid), "the tunnel leads to the source");
+    m.source.psql(DATABASE, &format!("SELECT pg_terminate_backend({pid})"));
+    eventually(Duration::from_secs(10), "the client's side to close", || {
+        client.is_closed().then_some(())
+    });
+
+    // The client vanishes (no goodbye message): the source's side closes.
+    let client = Session::open(&through_tunnel);
+    let pid = client.value("SELECT pg_backend_pid()").unwrap();
+    drop(client);
+    eventually(Duration::from_secs(10), "the source's backend to end", || {
+        (!backend_alive(&pid)).then_some(())
+    });
+}
+
+#[test]
 fn the_tunnel_refuses_clients_outside_tunnel_allow() {
     let source = Cluster::builder("source").logical().start();
     let m = Migration::with_controller_args(source, SCHEMA, &["--tunnel-allow", "10.99.0.0/16"]);

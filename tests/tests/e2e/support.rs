@@ -272,6 +272,8 @@ impl Migration {
 /// A database session the test keeps open (to hold a transaction, or to
 /// see each write acknowledged), on its own small runtime.
 pub struct Session {
+    // Dropped first: the connection's task goes with it, so dropping a
+    // Session closes the socket without a goodbye, like a crashed client.
     runtime: tokio::runtime::Runtime,
     client: tokio_postgres::Client,
 }
@@ -292,6 +294,14 @@ impl Session {
 
     pub fn execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
         self.runtime.block_on(self.client.batch_execute(sql))
+    }
+
+    /// Whether the server's side has closed the connection (drives the
+    /// connection's task for a moment to let it notice).
+    pub fn is_closed(&self) -> bool {
+        self.runtime
+            .block_on(async { tokio::time::sleep(Duration::from_millis(20)).await });
+        self.client.is_closed()
     }
 
     /// The first column of the first row, as text.
