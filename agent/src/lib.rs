@@ -37,14 +37,10 @@ use walbridge_daemon::journal::Journal;
 
 pub use config::AgentConfig;
 
-/// Runs the agent until `shutdown` is cancelled.
-pub async fn run(config: AgentConfig, journal: Journal, shutdown: CancellationToken) {
-    run_with_metrics(config, journal, None, shutdown).await;
-}
-
-/// Runs the agent, serving its health on `metrics` when given (bound by
-/// the caller, so a port in use is reported as a bad setting).
-pub async fn run_with_metrics(
+/// Runs the agent until `shutdown` is cancelled, serving its health on
+/// `metrics` when given (bound by the caller, so a port in use is reported
+/// as a bad setting).
+pub async fn run(
     config: AgentConfig,
     journal: Journal,
     metrics: Option<std::net::TcpListener>,
@@ -68,10 +64,7 @@ pub async fn run_with_metrics(
         link_up: std::sync::atomic::AtomicBool::new(false),
     });
     if let Some(listener) = metrics {
-        match listener
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::TcpListener::from_std(listener))
-        {
+        match walbridge_daemon::net::into_tokio(listener) {
             Ok(listener) => {
                 let state = state.clone();
                 let render = move || {

@@ -38,7 +38,7 @@ fn main() -> ExitCode {
         Err(e) => return process::bad_setting("walbridge-agent", &e),
     };
     process::run("walbridge-agent", config.log_format, |shutdown| async move {
-        walbridge_agent::run_with_metrics(config, journal, metrics, shutdown).await;
+        walbridge_agent::run(config, journal, metrics, shutdown).await;
         ExitCode::SUCCESS
     })
 }

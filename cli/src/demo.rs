@@ -136,7 +136,7 @@ async fn migrate(
         listen_metrics: None,
     };
     let journal = Journal::open(&agent_dir.join("journal")).map_err(|e| fail("agent journal", &e))?;
-    let agent = tokio::spawn(walbridge_agent::run(agent, journal, shutdown.clone()));
+    let agent = tokio::spawn(walbridge_agent::run(agent, journal, None, shutdown.clone()));
 
     let outcome = drive(source, &ApiAddress::Unix(controller_dir.join("api.sock"))).await;
     shutdown.cancel();

@@ -42,6 +42,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use walbridge_daemon::journal::Journal;
+use walbridge_daemon::net;
 use walbridge_daemon::settings::SettingError;
 
 pub use config::ControllerConfig;
@@ -75,11 +76,11 @@ impl BoundController {
             .map_err(|e| SettingError::new(DATA_DIR, format!("cannot create {}: {e}", config.data_dir.display())))?;
         let journal =
             Journal::open(&config.data_dir.join("journal")).map_err(|e| SettingError::new(DATA_DIR, e.to_string()))?;
-        let agents = bind_tcp(LISTEN_AGENTS, config.listen_agents)?;
+        let agents = net::bind(LISTEN_AGENTS, config.listen_agents)?;
         let tunnel = config
             .tunnel
             .listen
-            .map(|address| bind_tcp(LISTEN_TUNNEL, address))
+            .map(|address| net::bind(LISTEN_TUNNEL, address))
             .transpose()?;
         let metrics = walbridge_daemon::metrics::bind(config.listen_metrics)?;
         let mut config = config;
@@ -90,7 +91,7 @@ impl BoundController {
             config.tunnel.advertise = Some((bound.ip().to_string(), bound.port()));
         }
         let api = match &config.listen_api {
-            ApiAddress::Tcp(address) => ApiListener::Tcp(bind_tcp(LISTEN_API, *address)?),
+            ApiAddress::Tcp(address) => ApiListener::Tcp(net::bind(LISTEN_API, *address)?),
             ApiAddress::Unix(path) => ApiListener::Unix(bind_unix(path)?),
         };
         Ok(BoundController {
@@ -131,7 +132,7 @@ impl BoundController {
         let acceptor = TlsAcceptor::from(config.identity.server_config());
         let tasks = TaskTracker::new();
 
-        let agents = into_tokio_tcp(agents)?;
+        let agents = net::into_tokio(agents)?;
         tracing::info!(
             agents = %config.listen_agents,
             api = ?config.listen_api,
@@ -162,7 +163,7 @@ impl BoundController {
         if let Some(listener) = tunnel {
             tracing::info!(tunnel = ?config.tunnel.listen, advertise = ?config.tunnel.advertise, "tunnel listening");
             tasks.spawn(tunnel::serve(
-                into_tokio_tcp(listener)?,
+                net::into_tokio(listener)?,
                 config.tunnel.clone(),
                 migrations.clone(),
                 tasks.clone(),
@@ -172,7 +173,7 @@ impl BoundController {
         if let Some(listener) = metrics {
             tracing::info!(metrics = ?config.listen_metrics, "serving /metrics");
             tasks.spawn(metrics::serve(
-                into_tokio_tcp(listener)?,
+                net::into_tokio(listener)?,
                 migrations.clone(),
                 tasks.clone(),
                 shutdown.clone(),
@@ -197,7 +198,7 @@ impl BoundController {
                 api::serve_unix(api_service, listener, shutdown.clone()).await
             }
             ApiListener::Tcp(listener) => {
-                let listener = into_tokio_tcp(listener)?;
+                let listener = net::into_tokio(listener)?;
                 api::serve_tcp(api_service, listener, acceptor, tasks.clone(), shutdown.clone()).await
             }
         };
@@ -214,15 +215,6 @@ impl BoundController {
         }
         served.map_err(|e| format!("the API server failed: {e}"))
     }
-}
-
-fn bind_tcp(key: &str, address: std::net::SocketAddr) -> Result<std::net::TcpListener, SettingError> {
-    std::net::TcpListener::bind(address).map_err(|e| SettingError::new(key, format!("cannot listen on {address}: {e}")))
-}
-
-fn into_tokio_tcp(listener: std::net::TcpListener) -> Result<tokio::net::TcpListener, String> {
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())
 }
 
 /// Binds the API socket. A socket file left by a controller that died is

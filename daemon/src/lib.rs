@@ -11,6 +11,7 @@
 pub mod connection;
 pub mod journal;
 pub mod metrics;
+pub mod net;
 pub mod pg;
 pub mod pki;
 pub mod process;

@@ -31,11 +31,7 @@ pub fn bind(
     address: Option<std::net::SocketAddr>,
 ) -> Result<Option<std::net::TcpListener>, crate::settings::SettingError> {
     address
-        .map(|address| {
-            std::net::TcpListener::bind(address).map_err(|e| {
-                crate::settings::SettingError::new(LISTEN_METRICS, format!("cannot listen on {address}: {e}"))
-            })
-        })
+        .map(|address| crate::net::bind(LISTEN_METRICS, address))
         .transpose()
 }
 
