@@ -410,7 +410,7 @@ impl Cluster {
 
     fn pg_ctl_start(&self) -> Result<(), String> {
         let options = format!("-p {}", self.port);
-        let out = self.pg_ctl_in_netns(&[
+        let out = self.pg_ctl(&[
             "start",
             "-w",
             "-t",
@@ -429,33 +429,6 @@ impl Cluster {
                 self.log_tail(40)
             ))
         }
-    }
-
-    /// `pg_ctl start` enters the namespace first (as root, then becoming
-    /// the server's user); the postmaster it forks stays there.
-    fn pg_ctl_in_netns(&self, args: &[&str]) -> Output {
-        let Some(namespace) = &self.netns else {
-            return self.pg_ctl(args);
-        };
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", namespace]);
-        if let Some(user) = self.user {
-            command.args([
-                "setpriv",
-                &format!("--reuid={}", user.uid),
-                &format!("--regid={}", user.gid),
-                "--clear-groups",
-            ]);
-            command.env("HOME", "/tmp");
-        }
-        command
-            .arg(self.install.bin("pg_ctl"))
-            .args(["-D", path_str(&self.data_dir)])
-            .args(args)
-            .current_dir(self.dir.as_ref().map_or(Path::new("/"), |d| d.path()))
-            .stdin(Stdio::null())
-            .output()
-            .expect("ip netns exec runs")
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Output {
@@ -486,9 +459,33 @@ impl Cluster {
     /// A command run as the server's user, from a folder it may enter.
     fn server_command(&self, program: &str) -> Command {
         let mut command = self.install.command(program);
+        if let Some(namespace) = &self.netns {
+            // Entering a namespace needs root: `ip netns exec` goes first,
+            // then setpriv becomes the server's user. The postmaster that
+            // pg_ctl forks stays in the namespace.
+            let mut entering = Command::new("ip");
+            entering.args(["netns", "exec", namespace]);
+            if let Some(user) = self.user {
+                entering.args([
+                    "setpriv",
+                    &format!("--reuid={}", user.uid),
+                    &format!("--regid={}", user.gid),
+                    "--clear-groups",
+                ]);
+            }
+            entering.arg(command.get_program()).args(command.get_args());
+            for (key, value) in command.get_envs() {
+                if let Some(value) = value {
+                    entering.env(key, value);
+                }
+            }
+            command = entering;
+        } else if let Some(user) = self.user {
+            command.uid(user.uid).gid(user.gid);
+        }
         command.current_dir(self.dir.as_ref().map_or(Path::new("/"), |d| d.path()));
-        if let Some(user) = self.user {
-            command.uid(user.uid).gid(user.gid).env("HOME", "/tmp");
+        if self.user.is_some() {
+            command.env("HOME", "/tmp");
         }
         command
     }
