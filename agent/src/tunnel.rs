@@ -3,12 +3,12 @@
 //! the tunnel ever reaches, so it is not a general proxy.
 
 use std::path::PathBuf;
+use std::pin::Pin;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use futures_util::{Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::Host;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::io::{ReaderStream, StreamReader};
 use tonic::{Status, Streaming};
 use walbridge_daemon::pg::Database;
 use walbridge_proto::v1 as wire;
@@ -16,9 +16,6 @@ use walbridge_proto::v1 as wire;
 /// Bytes read from the source per message. Small enough to keep latency
 /// low for replication messages, big enough for bulk WAL.
 const READ_CHUNK: usize = 64 * 1024;
-/// Messages in flight towards the controller; the HTTP/2 window does the
-/// rest, so a slow target slows the source connection down.
-const IN_FLIGHT: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceAddress {
@@ -51,49 +48,35 @@ async fn connect(address: &SourceAddress) -> std::io::Result<Box<dyn Duplex>> {
     })
 }
 
-pub type TunnelStream = ReceiverStream<Result<wire::TunnelData, Status>>;
+pub type TunnelStream = Pin<Box<dyn Stream<Item = Result<wire::TunnelData, Status>> + Send>>;
 
 /// Connects to the source and pipes `inbound` to it and its answers back.
+/// The source is read only as fast as the answers can leave (HTTP/2 flow
+/// control), so a slow target slows the source connection down.
 pub async fn open(
     address: &SourceAddress,
-    mut inbound: Streaming<wire::TunnelData>,
+    inbound: Streaming<wire::TunnelData>,
     tasks: &tokio_util::task::TaskTracker,
 ) -> Result<TunnelStream, Status> {
     let socket = connect(address)
         .await
         .map_err(|e| Status::unavailable(format!("the tunnel cannot reach the source: {e}")))?;
-    let (mut reader, mut writer) = tokio::io::split(socket);
-    let (tx, rx) = mpsc::channel(IN_FLIGHT);
+    let (reader, mut writer) = tokio::io::split(socket);
+    let mut from_controller = StreamReader::new(inbound.map(|message| {
+        message
+            .map(|m| m.data)
+            .map_err(|status| std::io::Error::other(status.message().to_owned()))
+    }));
     tasks.spawn(async move {
-        while let Ok(Some(message)) = inbound.message().await {
-            if writer.write_all(&message.data).await.is_err() {
-                break;
-            }
-        }
+        let _ = tokio::io::copy_buf(&mut from_controller, &mut writer).await;
         // The controller's side closed (or the link broke): so does ours
         // towards the source.
         let _ = writer.shutdown().await;
     });
-    tasks.spawn(async move {
-        let mut buffer = BytesMut::with_capacity(READ_CHUNK);
-        loop {
-            buffer.reserve(READ_CHUNK);
-            match reader.read_buf(&mut buffer).await {
-                Ok(0) => break,
-                Ok(_) => {
-                    let data = buffer.split().freeze();
-                    if tx.send(Ok(wire::TunnelData { data })).await.is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(Status::unavailable(format!("source connection: {e}"))))
-                        .await;
-                    break;
-                }
-            }
-        }
+    let answers = ReaderStream::with_capacity(reader, READ_CHUNK).map(|chunk| {
+        chunk
+            .map(|data| wire::TunnelData { data })
+            .map_err(|e| Status::unavailable(format!("source connection: {e}")))
     });
-    Ok(ReceiverStream::new(rx))
+    Ok(Box::pin(answers))
 }

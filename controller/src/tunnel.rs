@@ -1,17 +1,17 @@
 //! The controller's end of the tunnel: each TCP connection the target's
 //! subscription opens here becomes one `Tunnel` stream to the migration's
-//! agent, which joins it to the source. Bytes are passed as they come;
-//! the bounded channel and HTTP/2 flow control make a slow end slow the
-//! other down instead of buffering.
+//! agent, which joins it to the source. Bytes are passed as they come:
+//! each side is read only as fast as HTTP/2 flow control lets its bytes
+//! go, so a slow end slows the other down instead of buffering.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::Semaphore;
+use tokio_util::io::{ReaderStream, StreamReader};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use walbridge_proto::v1 as wire;
@@ -19,8 +19,8 @@ use walbridge_proto::v1 as wire;
 use crate::config::TunnelConfig;
 use crate::migration::Migrations;
 
+/// Bytes read from the client per message.
 const READ_CHUNK: usize = 64 * 1024;
-const IN_FLIGHT: usize = 8;
 
 /// Accepts tunnel connections until `shutdown`.
 pub async fn serve(
@@ -51,10 +51,9 @@ pub async fn serve(
             continue;
         };
         let migrations = migrations.clone();
-        let inner = tasks.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            if let Err(e) = carry(socket, peer, &migrations, &inner, shutdown).await {
+            if let Err(e) = carry(socket, peer, &migrations, shutdown).await {
                 tracing::warn!(%peer, error = %e, "tunnel connection closed");
             }
             drop(permit);
@@ -67,7 +66,6 @@ async fn carry(
     socket: TcpStream,
     peer: SocketAddr,
     migrations: &Migrations,
-    tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let agent_name = migrations
@@ -80,48 +78,35 @@ async fn carry(
         .get(&agent_name)
         .ok_or_else(|| format!("agent {agent_name} is not connected"))?;
     socket.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (mut reader, mut writer) = socket.into_split();
-    let (tx, rx) = mpsc::channel(IN_FLIGHT);
-    let upstream = tasks.spawn(async move {
-        let mut buffer = BytesMut::with_capacity(READ_CHUNK);
-        loop {
-            buffer.reserve(READ_CHUNK);
-            match reader.read_buf(&mut buffer).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let data = buffer.split().freeze();
-                    if tx.send(wire::TunnelData { data }).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        // Dropping `tx` ends the request stream: the agent closes its
-        // side towards the source.
-    });
+    let (reader, mut writer) = socket.into_split();
+    // The client's bytes as the request stream: read as the HTTP/2 window
+    // lets them go, so a slow agent slows the client down. It ends when
+    // the client closes (the agent then closes its side towards the
+    // source), or when the answers have ended.
+    let answered = CancellationToken::new();
+    let requests = ReaderStream::with_capacity(reader, READ_CHUNK)
+        // A read error ends the stream like EOF does.
+        .scan((), |(), chunk| std::future::ready(chunk.ok()))
+        .map(|data| wire::TunnelData { data })
+        .take_until(answered.clone().cancelled_owned());
     tracing::debug!(%peer, agent = %agent_name, "tunnel connection opened");
-    let mut answers = agent
+    let answers = agent
         .client
         .clone()
-        .tunnel(ReceiverStream::new(rx))
+        .tunnel(requests)
         .await
         .map_err(|s| s.message().to_owned())?
         .into_inner();
-    let downstream = async {
-        loop {
-            match answers.message().await {
-                Ok(Some(message)) => writer.write_all(&message.data).await.map_err(|e| e.to_string())?,
-                Ok(None) => break,
-                Err(status) => return Err(status.message().to_owned()),
-            }
-        }
-        Ok(())
-    };
+    let mut answers = StreamReader::new(answers.map(|message| {
+        message
+            .map(|m| m.data)
+            .map_err(|status| std::io::Error::other(status.message().to_owned()))
+    }));
     let outcome = tokio::select! {
-        outcome = downstream => outcome,
+        copied = tokio::io::copy_buf(&mut answers, &mut writer) => copied.map(drop).map_err(|e| e.to_string()),
         _ = shutdown.cancelled() => Ok(()),
     };
     let _ = writer.shutdown().await;
-    upstream.abort();
+    answered.cancel();
     outcome
 }
