@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use walbridge_daemon::pg::Database;
-use walbridge_daemon::settings::{Setting, SettingError, Settings};
+use walbridge_daemon::settings::{Setting, SettingError, Settings, parse_host_port};
 use walbridge_daemon::telemetry::{LOG_FORMAT, LOG_SETTINGS, LogFormat};
 use walbridge_daemon::tls::{Identity, TLS_SETTINGS};
 
@@ -66,15 +66,13 @@ pub struct ControllerEndpoint {
 
 impl ControllerEndpoint {
     pub fn parse(raw: &str) -> Result<ControllerEndpoint, SettingError> {
-        let problem = |p: String| SettingError::new(CONTROLLER_ENDPOINT, p);
-        let (host, port) = raw
-            .rsplit_once(':')
-            .ok_or_else(|| problem(format!("{raw:?} is not HOST:PORT")))?;
-        port.parse::<u16>()
-            .map_err(|_| problem(format!("{port:?} in {raw:?} is not a port number")))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let server_name = rustls::pki_types::ServerName::try_from(host.to_owned())
-            .map_err(|_| problem(format!("{host:?} is neither a host name nor an IP address")))?;
+        let (host, _) = parse_host_port(CONTROLLER_ENDPOINT, raw)?;
+        let server_name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+            SettingError::new(
+                CONTROLLER_ENDPOINT,
+                format!("{host:?} is neither a host name nor an IP address"),
+            )
+        })?;
         Ok(ControllerEndpoint {
             address: raw.to_owned(),
             server_name,

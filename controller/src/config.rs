@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use walbridge_daemon::pg::Database;
-use walbridge_daemon::settings::{Setting, SettingError, Settings};
+use walbridge_daemon::settings::{Setting, SettingError, Settings, parse_host_port};
 use walbridge_daemon::telemetry::{LOG_FORMAT, LOG_SETTINGS, LogFormat};
 use walbridge_daemon::tls::{Identity, TLS_SETTINGS};
 
@@ -169,16 +169,6 @@ impl TunnelConfig {
             allow,
         })
     }
-}
-
-fn parse_host_port(key: &str, raw: &str) -> Result<(String, u16), SettingError> {
-    let bad = || SettingError::new(key, format!("{raw:?} is not HOST:PORT"));
-    let (host, port) = raw.rsplit_once(':').ok_or_else(bad)?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(bad());
-    }
-    Ok((host.to_owned(), port.parse().map_err(|_| bad())?))
 }
 
 #[derive(Debug, Clone)]

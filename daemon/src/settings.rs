@@ -86,6 +86,23 @@ pub trait Environment {
     fn var(&self, name: &str) -> Option<String>;
 }
 
+/// `HOST:PORT` (an IPv6 host may be bracketed), naming the setting `key`
+/// when it is not.
+pub fn parse_host_port(key: &str, raw: &str) -> Result<(String, u16), SettingError> {
+    let problem = |p: String| SettingError::new(key, p);
+    let (host, port) = raw
+        .rsplit_once(':')
+        .ok_or_else(|| problem(format!("{raw:?} is not HOST:PORT")))?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| problem(format!("{port:?} in {raw:?} is not a port number")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(problem(format!("{raw:?} names no host")));
+    }
+    Ok((host.to_owned(), port))
+}
+
 /// The process's own environment.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessEnvironment;
@@ -330,6 +347,19 @@ mod tests {
             .expect("flags parse");
         let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Settings::resolve(&matches, SETTINGS, &env)
+    }
+
+    #[test]
+    fn host_port_takes_names_ips_and_bracketed_ipv6_and_names_the_setting() {
+        assert_eq!(parse_host_port("k", "db:5432").unwrap(), ("db".to_owned(), 5432));
+        assert_eq!(parse_host_port("k", "[::1]:7401").unwrap(), ("::1".to_owned(), 7401));
+        for bad in ["db", "db:port", ":7401", "db:70000"] {
+            assert_eq!(
+                parse_host_port("tunnel.advertise", bad).unwrap_err().key,
+                "tunnel.advertise",
+                "{bad}"
+            );
+        }
     }
 
     #[test]
