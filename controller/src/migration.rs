@@ -381,11 +381,6 @@ impl Migrations {
         self.target.as_ref()
     }
 
-    /// Tables larger than this are copied in page ranges.
-    pub fn split_bytes(&self) -> u64 {
-        self.settings.split_bytes
-    }
-
     pub fn settings(&self) -> &MigrationSettings {
         &self.settings
     }

@@ -109,7 +109,7 @@ fn bad_selection(e: selection::SelectionError) -> Status {
 pub async fn preflight_call(migrations: &Migrations, request: wire::PreflightRequest) -> Result<Vec<Finding>, Status> {
     let agent = agent_client(migrations, &request.agent)?;
     let selection = selection_from_wire(request.selection);
-    let planned = plan(catalog(&agent).await?, &selection, migrations.split_bytes()).map_err(bad_selection)?;
+    let planned = plan(catalog(&agent).await?, &selection, migrations.settings().split_bytes).map_err(bad_selection)?;
     preflight(migrations, &agent, &planned.publication_tables).await
 }
 
@@ -140,7 +140,7 @@ pub async fn start(
         ));
     }
     let selection = selection_from_wire(request.selection);
-    let planned = plan(catalog(&agent).await?, &selection, migrations.split_bytes()).map_err(bad_selection)?;
+    let planned = plan(catalog(&agent).await?, &selection, migrations.settings().split_bytes).map_err(bad_selection)?;
     let findings = preflight(migrations, &agent, &planned.publication_tables).await?;
     let errors: Vec<String> = findings
         .iter()
