@@ -14,7 +14,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tonic::Status;
-use walbridge_daemon::pg::Database;
+use walbridge_daemon::pg::{Database, describe};
 use walbridge_migration::copy::{self, PageRange, SESSION_SETTINGS};
 use walbridge_migration::ident::{QualifiedName, quote_literal};
 use walbridge_proto::v1 as wire;
@@ -48,13 +48,13 @@ pub async fn snapshot_session(source: &Database, snapshot: &str) -> Result<Clien
     let client = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the source: {e}")))?;
+        .map_err(|e| Status::unavailable(format!("cannot reach the source (source.url): {}", describe(&e))))?;
     let mut setup = format!("{SESSION_SETTINGS}; START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY");
     if !snapshot.is_empty() {
         setup.push_str(&format!("; SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)));
     }
     client.batch_execute(&setup).await.map_err(|e| {
-        let message = db_message(&e);
+        let message = describe(&e);
         if message.contains("invalid snapshot identifier") {
             Status::failed_precondition(format!("the snapshot {snapshot} is gone: {message}"))
         } else {
@@ -63,8 +63,6 @@ pub async fn snapshot_session(source: &Database, snapshot: &str) -> Result<Clien
     })?;
     Ok(client)
 }
-
-pub use walbridge_daemon::pg::db_message;
 
 /// Streams `COPY ... TO STDOUT` of one table (or page range) to `out`.
 pub async fn copy_table(
@@ -80,12 +78,12 @@ pub async fn copy_table(
         let stream = client
             .copy_out(&copy::copy_out(&table, &columns, range))
             .await
-            .map_err(|e| Status::internal(format!("COPY of {table} failed on the source: {}", db_message(&e))))?;
+            .map_err(|e| Status::internal(format!("COPY of {table} failed on the source: {}", describe(&e))))?;
         pin_mut!(stream);
         let mut buffer = BytesMut::with_capacity(CHUNK_BYTES);
         while let Some(piece) = stream.next().await {
             let piece: Bytes = piece
-                .map_err(|e| Status::internal(format!("COPY of {table} failed on the source: {}", db_message(&e))))?;
+                .map_err(|e| Status::internal(format!("COPY of {table} failed on the source: {}", describe(&e))))?;
             buffer.extend_from_slice(&piece);
             if buffer.len() >= CHUNK_BYTES {
                 let chunk = compress(&buffer)?;
@@ -199,6 +197,6 @@ pub async fn checksum(
     let row = client
         .query_one(&copy::checksum(table, columns), &[])
         .await
-        .map_err(|e| Status::internal(format!("checksum of {table} failed on the source: {}", db_message(&e))))?;
+        .map_err(|e| Status::internal(format!("checksum of {table} failed on the source: {}", describe(&e))))?;
     Ok((row.get::<_, i64>(0) as u64, row.get(1)))
 }

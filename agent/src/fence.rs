@@ -17,7 +17,7 @@ use walbridge_proto::v1 as wire;
 use wire::fence_command::Command;
 use wire::fence_event::Event;
 
-use crate::copy::db_message;
+use walbridge_daemon::pg::describe;
 
 pub const APPLICATION_NAME: &str = "walbridge-agent-fence";
 const SCHEMA: &str = "walbridge_fence";
@@ -67,7 +67,7 @@ pub async fn run(source: Database, mut commands: Streaming<wire::FenceCommand>, 
                 let _ = events
                     .send(Err(Status::internal(format!(
                         "cannot seal the fence: {}",
-                        db_message(&e)
+                        describe(&e)
                     ))))
                     .await;
             }
@@ -93,7 +93,7 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
     let client = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the source: {}", db_message(&e))))?;
+        .map_err(|e| Status::unavailable(format!("cannot reach the source: {}", describe(&e))))?;
     let list: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
     let lock = format!(
         "BEGIN; SET LOCAL lock_timeout = {}; LOCK TABLE {} IN EXCLUSIVE MODE",
@@ -101,7 +101,7 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
         list.join(", ")
     );
     if let Err(e) = client.batch_execute(&lock).await {
-        let message = db_message(&e);
+        let message = describe(&e);
         let waiting = e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
         return Err(if waiting {
             Status::aborted(format!(
@@ -121,7 +121,7 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
     let marker = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the source: {}", db_message(&e))))?;
+        .map_err(|e| Status::unavailable(format!("cannot reach the source: {}", describe(&e))))?;
     let mark = async {
         marker.batch_execute("BEGIN; SET LOCAL synchronous_commit = on").await?;
         let row = marker
@@ -132,7 +132,7 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
     };
     let lsn = mark
         .await
-        .map_err(|e| Status::internal(format!("cannot mark the fence in the WAL: {}", db_message(&e))))?;
+        .map_err(|e| Status::internal(format!("cannot mark the fence in the WAL: {}", describe(&e))))?;
     Ok((client, lsn))
 }
 
@@ -174,8 +174,8 @@ pub async fn release(source: &Database) -> Result<u32, Status> {
     let client = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the source: {}", db_message(&e))))?;
-    let fail = |e: tokio_postgres::Error| Status::internal(format!("cannot release the fence: {}", db_message(&e)));
+        .map_err(|e| Status::unavailable(format!("cannot reach the source: {}", describe(&e))))?;
+    let fail = |e: tokio_postgres::Error| Status::internal(format!("cannot release the fence: {}", describe(&e)));
     let tables: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \

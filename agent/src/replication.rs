@@ -33,11 +33,12 @@ pub enum ReplicationError {
     Connect(String),
     #[error("replication connection refused: {0}")]
     Auth(String),
-    #[error("the server said: {message} (SQLSTATE {code}){}", detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    #[error("{}", walbridge_daemon::pg::describe_server_error(message, code, detail.as_deref(), hint.as_deref()))]
     Server {
         code: String,
         message: String,
         detail: Option<String>,
+        hint: Option<String>,
     },
     #[error("unexpected reply on the replication connection: {0}")]
     Protocol(String),
@@ -214,8 +215,8 @@ impl ReplicationConnection {
                     let error = server_error(&body);
                     // 28P01 / 28000: authentication or authorization refused.
                     return Err(match &error {
-                        ReplicationError::Server { code, message, .. } if code.starts_with("28") => {
-                            ReplicationError::Auth(message.clone())
+                        ReplicationError::Server { code, .. } if code.starts_with("28") => {
+                            ReplicationError::Auth(error.to_string())
                         }
                         _ => error,
                     });
@@ -378,7 +379,7 @@ fn io_error(error: &std::io::Error) -> ReplicationError {
 }
 
 fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -> ReplicationError {
-    let (mut code, mut message, mut detail) = (String::new(), String::new(), None);
+    let (mut code, mut message, mut detail, mut hint) = (String::new(), String::new(), None, None);
     let mut fields = body.fields();
     while let Ok(Some(field)) = fields.next() {
         let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
@@ -386,10 +387,16 @@ fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -
             b'C' => code = value,
             b'M' => message = value,
             b'D' => detail = Some(value),
+            b'H' => hint = Some(value),
             _ => {}
         }
     }
-    ReplicationError::Server { code, message, detail }
+    ReplicationError::Server {
+        code,
+        message,
+        detail,
+        hint,
+    }
 }
 
 fn unexpected(message: &Message) -> ReplicationError {

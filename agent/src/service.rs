@@ -9,7 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use walbridge_daemon::VERSION;
-use walbridge_daemon::pg::Database;
+use walbridge_daemon::pg::{Database, describe};
 use walbridge_daemon::telemetry::continue_trace;
 use walbridge_migration::copy::PageRange;
 use walbridge_migration::ident::QualifiedName;
@@ -98,7 +98,7 @@ impl Agent {
             .source
             .connect(APPLICATION_NAME)
             .await
-            .map_err(|e| Status::unavailable(format!("cannot reach the source: {e}")))
+            .map_err(|e| Status::unavailable(format!("cannot reach the source (source.url): {}", describe(&e))))
     }
 }
 
@@ -136,7 +136,7 @@ impl AgentService for Agent {
             };
             let (mut findings, facts) = preflight::check_source(&client, &scope)
                 .await
-                .map_err(|e| Status::internal(format!("preflight query failed: {}", copy::db_message(&e))))?;
+                .map_err(|e| Status::internal(format!("preflight query failed: {}", describe(&e))))?;
             let version = pg_dump_version(&self.state.pg_dump).await;
             findings.extend(preflight::check_pg_dump(version.as_deref(), facts.server_version_num));
             Ok(Response::new(wire::SourcePreflightResponse {
@@ -167,7 +167,7 @@ impl AgentService for Agent {
             let client = self.source_client().await?;
             let tables = catalog::list_tables(&client)
                 .await
-                .map_err(|e| Status::internal(format!("listing tables failed: {}", copy::db_message(&e))))?;
+                .map_err(|e| Status::internal(format!("listing tables failed: {}", describe(&e))))?;
             Ok(Response::new(wire::ListTablesResponse {
                 tables: tables
                     .into_iter()
@@ -328,7 +328,7 @@ impl AgentService for Agent {
             crate::snapshot::drop_replication(&self.state.source, &request.slot, &request.publication)
                 .instrument(span)
                 .await
-                .map_err(|e| Status::internal(format!("cannot drop {}: {}", request.slot, copy::db_message(&e))))?;
+                .map_err(|e| Status::internal(format!("cannot drop {}: {}", request.slot, describe(&e))))?;
         if dropped_slot || dropped_publication {
             tracing::info!(slot = %request.slot, dropped_slot, dropped_publication, "dropped replication objects");
         }
@@ -376,7 +376,7 @@ impl AgentService for Agent {
             let client = self.source_client().await?;
             let status = crate::streaming::slot_status(&client, &request.get_ref().slot)
                 .await
-                .map_err(|e| Status::internal(format!("reading the slot failed: {}", copy::db_message(&e))))?;
+                .map_err(|e| Status::internal(format!("reading the slot failed: {}", describe(&e))))?;
             Ok(Response::new(status))
         }
         .instrument(span)
@@ -406,7 +406,7 @@ impl AgentService for Agent {
             let client = self.source_client().await?;
             let sequences = crate::streaming::sequences(&client)
                 .await
-                .map_err(|e| Status::internal(format!("reading sequences failed: {}", copy::db_message(&e))))?;
+                .map_err(|e| Status::internal(format!("reading sequences failed: {}", describe(&e))))?;
             Ok(Response::new(wire::SequencesResponse { sequences }))
         }
         .instrument(span)

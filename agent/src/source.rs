@@ -1,7 +1,7 @@
 //! What the agent can see of the source database, asked fresh each time:
 //! a probe opens its own short session, so an idle agent holds no backend.
 
-use walbridge_daemon::pg::Database;
+use walbridge_daemon::pg::{Database, describe};
 
 pub const APPLICATION_NAME: &str = "walbridge-agent";
 
@@ -47,17 +47,4 @@ async fn try_probe(source: &Database) -> Result<SourceStatus, tokio_postgres::Er
         system_identifier: row.get::<_, i64>(2) as u64,
         database: row.get(3),
     })
-}
-
-/// tokio-postgres's top-level message for a failed connect is only
-/// "error connecting to server"; the cause says what happened.
-fn describe(error: &tokio_postgres::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = std::error::Error::source(error);
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
 }

@@ -193,7 +193,7 @@ async fn application(url: String, writes: Arc<Writes>, stop: Arc<AtomicBool>) {
                 writes.acknowledged.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
-                *writes.stopped_by.lock().unwrap_or_else(|p| p.into_inner()) = walbridge_daemon::pg::db_message(&e);
+                *writes.stopped_by.lock().unwrap_or_else(|p| p.into_inner()) = walbridge_daemon::pg::describe(&e);
                 return;
             }
         }

@@ -22,7 +22,7 @@ use crate::migration::{CutoverReport, MigrationRecord, Migrations, Phase};
 use crate::operations::{self, save};
 use crate::registry::AgentClient;
 use crate::subscription::{self, State};
-use crate::transfer::db_message;
+use walbridge_daemon::pg::describe;
 
 /// How often lag and catch-up are polled.
 const POLL: Duration = Duration::from_millis(25);
@@ -327,7 +327,7 @@ async fn copy_sequences(agent: &AgentClient, target: &Client) -> Result<String, 
             &[&names as &(dyn tokio_postgres::types::ToSql + Sync), &values, &called],
         )
         .await
-        .map_err(|e| format!("setting the sequences failed: {}", db_message(&e)))?;
+        .map_err(|e| format!("setting the sequences failed: {}", describe(&e)))?;
     let set: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
     let missing: Vec<&String> = names.iter().filter(|n| !set.contains(*n)).collect();
     Ok(if missing.is_empty() {

@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
+use walbridge_daemon::pg::describe;
 use walbridge_migration::finding::{Extension, Finding, SourceFacts};
 use walbridge_migration::ident::QualifiedName;
 use walbridge_migration::selection::{self, Selection};
@@ -83,11 +84,11 @@ pub async fn preflight(
     let client = target
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the target: {e}")))?;
+        .map_err(|e| Status::unavailable(format!("cannot reach the target (target.url): {}", describe(&e))))?;
     findings.extend(
         crate::preflight::check_target(&client, &facts)
             .await
-            .map_err(|e| Status::internal(format!("target preflight failed: {}", transfer::db_message(&e))))?,
+            .map_err(|e| Status::internal(format!("target preflight failed: {}", describe(&e))))?,
     );
     findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     Ok(findings)

@@ -12,7 +12,8 @@ use walbridge_proto::v1 as wire;
 
 use crate::migration::{APPLICATION_NAME, StepError};
 use crate::registry::AgentClient;
-use crate::transfer::{db_message, decompress};
+use crate::transfer::decompress;
+use walbridge_daemon::pg::describe;
 
 /// Dumps one section in the snapshot and returns its statements.
 pub async fn dump(
@@ -86,7 +87,7 @@ pub async fn refresh_materialized_views(target: &Database, views: &[QualifiedNam
                 .batch_execute(&format!("REFRESH MATERIALIZED VIEW {}", view.quoted()))
                 .await
             {
-                last_error = format!("REFRESH MATERIALIZED VIEW {view}: {}", db_message(&e));
+                last_error = format!("REFRESH MATERIALIZED VIEW {view}: {}", describe(&e));
                 failed.push(*view);
             }
         }
@@ -102,14 +103,14 @@ async fn connect(target: &Database) -> Result<tokio_postgres::Client, StepError>
     let client = target
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| StepError::Failed(format!("cannot reach the target: {e}")))?;
+        .map_err(|e| StepError::Failed(format!("cannot reach the target (target.url): {}", describe(&e))))?;
     // pg_dump's scripts assume these.
     client
         .batch_execute(
             "SET client_encoding = 'UTF8'; SET standard_conforming_strings = on; SET check_function_bodies = false",
         )
         .await
-        .map_err(|e| StepError::Failed(format!("cannot prepare the target session: {}", db_message(&e))))?;
+        .map_err(|e| StepError::Failed(format!("cannot prepare the target session: {}", describe(&e))))?;
     Ok(client)
 }
 
@@ -117,6 +118,6 @@ fn rejected(statement: &str, line: usize, error: &tokio_postgres::Error) -> Step
     let shown: String = statement.chars().take(2000).collect();
     StepError::Failed(format!(
         "the target rejected a schema statement (line {line} of the dump): {}\n{shown}",
-        db_message(error)
+        describe(error)
     ))
 }

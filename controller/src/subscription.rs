@@ -9,7 +9,7 @@ use walbridge_migration::ident::{quote_ident, quote_literal};
 use walbridge_proto::v1 as wire;
 
 use crate::migration::{APPLICATION_NAME, MigrationRecord};
-use crate::transfer::db_message;
+use walbridge_daemon::pg::describe;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -42,7 +42,7 @@ pub async fn session(target: &Database) -> Result<Client, String> {
     target
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| format!("cannot connect to the target: {}", db_message(&e)))
+        .map_err(|e| format!("cannot connect to the target: {}", describe(&e)))
 }
 
 /// A libpq connection-string value, quoted.
@@ -101,7 +101,7 @@ pub async fn create(
     client
         .batch_execute(&statement)
         .await
-        .map_err(|e| format!("CREATE SUBSCRIPTION failed on the target: {}", db_message(&e)))?;
+        .map_err(|e| format!("CREATE SUBSCRIPTION failed on the target: {}", describe(&e)))?;
     oid(&client, &record.subscription)
         .await?
         .ok_or_else(|| "the subscription vanished right after its creation".to_owned())
@@ -111,7 +111,7 @@ async fn server_version(client: &Client) -> Result<i32, String> {
     Ok(client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
-        .map_err(|e| db_message(&e))?
+        .map_err(|e| describe(&e))?
         .get(0))
 }
 
@@ -123,7 +123,7 @@ async fn oid(client: &Client, name: &str) -> Result<Option<u32>, String> {
             &[&name],
         )
         .await
-        .map_err(|e| db_message(&e))?
+        .map_err(|e| describe(&e))?
         .map(|row| row.get(0)))
 }
 
@@ -137,7 +137,7 @@ pub async fn state(client: &Client, name: &str) -> Result<State, String> {
             &[&name],
         )
         .await
-        .map_err(|e| db_message(&e))?;
+        .map_err(|e| describe(&e))?;
     Ok(match row {
         None => State::Missing,
         Some(row) => match (row.get::<_, bool>(0), row.get::<_, bool>(1), row.get::<_, bool>(2)) {
@@ -164,7 +164,7 @@ pub async fn health(client: &Client, name: &str) -> Result<(State, u64), String>
             &[&name],
         )
         .await
-        .map_err(|e| db_message(&e))?
+        .map_err(|e| describe(&e))?
         .map_or(0, |r| r.get::<_, i64>(0) as u64);
     Ok((state, errors))
 }
@@ -178,7 +178,7 @@ pub async fn detach(client: &Client, name: &str) -> Result<(), String> {
         client
             .batch_execute(&statement)
             .await
-            .map_err(|e| format!("{statement} failed on the target: {}", db_message(&e)))?;
+            .map_err(|e| format!("{statement} failed on the target: {}", describe(&e)))?;
     }
     Ok(())
 }
@@ -196,7 +196,7 @@ pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Vec<Strin
         client
             .batch_execute(&format!("DROP SUBSCRIPTION {}", quote_ident(name)))
             .await
-            .map_err(|e| format!("DROP SUBSCRIPTION {name} failed on the target: {}", db_message(&e)))?;
+            .map_err(|e| format!("DROP SUBSCRIPTION {name} failed on the target: {}", describe(&e)))?;
         removed.push(format!("subscription {name} on the target"));
     }
     if oid != 0 {
@@ -204,13 +204,13 @@ pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Vec<Strin
         let leaked = client
             .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&origin])
             .await
-            .map_err(|e| db_message(&e))?
+            .map_err(|e| describe(&e))?
             .is_some();
         if leaked {
             client
                 .execute("SELECT pg_replication_origin_drop($1)", &[&origin])
                 .await
-                .map_err(|e| format!("cannot drop replication origin {origin}: {}", db_message(&e)))?;
+                .map_err(|e| format!("cannot drop replication origin {origin}: {}", describe(&e)))?;
             removed.push(format!("replication origin {origin} on the target"));
         }
     }

@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, pin_mut};
-use walbridge_daemon::pg::Database;
+use walbridge_daemon::pg::{Database, describe};
 use walbridge_migration::copy::{self, SESSION_SETTINGS};
 use walbridge_migration::ident::QualifiedName;
 use walbridge_proto::convert::name_to_wire;
@@ -14,8 +14,6 @@ use walbridge_proto::v1 as wire;
 
 use crate::migration::APPLICATION_NAME;
 use crate::registry::AgentClient;
-
-pub use walbridge_daemon::pg::db_message;
 
 pub fn decompress(chunk: &wire::DataChunk) -> Result<Vec<u8>, String> {
     // raw_len bounds the allocation; a chunk is at most a few hundred kB.
@@ -27,11 +25,11 @@ async fn session(target: &Database) -> Result<tokio_postgres::Client, String> {
     let client = target
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| format!("cannot reach the target: {e}"))?;
+        .map_err(|e| format!("cannot reach the target (target.url): {}", describe(&e)))?;
     client
         .batch_execute(SESSION_SETTINGS)
         .await
-        .map_err(|e| format!("cannot prepare the target session: {}", db_message(&e)))?;
+        .map_err(|e| format!("cannot prepare the target session: {}", describe(&e)))?;
     Ok(client)
 }
 
@@ -66,7 +64,7 @@ pub async fn copy_table(
     client
         .batch_execute(&begin)
         .await
-        .map_err(|e| format!("cannot empty {table} on the target: {}", db_message(&e)))?;
+        .map_err(|e| format!("cannot empty {table} on the target: {}", describe(&e)))?;
     let mut stream = agent
         .clone()
         .copy_table(wire::CopyTableRequest {
@@ -82,7 +80,7 @@ pub async fn copy_table(
     let sink = client
         .copy_in::<_, Bytes>(&copy::copy_in(table, columns))
         .await
-        .map_err(|e| format!("COPY into {table} failed on the target: {}", db_message(&e)))?;
+        .map_err(|e| format!("COPY into {table} failed on the target: {}", describe(&e)))?;
     pin_mut!(sink);
     let (mut bytes, mut wire_bytes) = (0u64, 0u64);
     while let Some(chunk) = stream.next().await {
@@ -93,16 +91,16 @@ pub async fn copy_table(
         progress(0, raw.len() as u64);
         sink.send(Bytes::from(raw))
             .await
-            .map_err(|e| format!("COPY into {table} failed on the target: {}", db_message(&e)))?;
+            .map_err(|e| format!("COPY into {table} failed on the target: {}", describe(&e)))?;
     }
     let rows = sink
         .finish()
         .await
-        .map_err(|e| format!("COPY into {table} failed on the target: {}", db_message(&e)))?;
+        .map_err(|e| format!("COPY into {table} failed on the target: {}", describe(&e)))?;
     client
         .batch_execute("COMMIT")
         .await
-        .map_err(|e| format!("commit of {table} failed on the target: {}", db_message(&e)))?;
+        .map_err(|e| format!("commit of {table} failed on the target: {}", describe(&e)))?;
     progress(rows, 0);
     Ok(Copied {
         rows,
@@ -144,7 +142,7 @@ pub async fn compare(
         let row = client
             .query_one(&copy::checksum(table, columns), &[])
             .await
-            .map_err(|e| format!("checksum of {table} failed on the target: {}", db_message(&e)))?;
+            .map_err(|e| format!("checksum of {table} failed on the target: {}", describe(&e)))?;
         Ok::<_, String>((row.get::<_, i64>(0) as u64, row.get::<_, String>(1)))
     };
     let (source, target) = tokio::join!(source, target);
@@ -165,5 +163,5 @@ pub async fn truncate(target: &Database, tables: &[QualifiedName]) -> Result<(),
     client
         .batch_execute(&format!("TRUNCATE ONLY {list}"))
         .await
-        .map_err(|e| format!("cannot empty the copied tables on the target: {}", db_message(&e)))
+        .map_err(|e| format!("cannot empty the copied tables on the target: {}", describe(&e)))
 }

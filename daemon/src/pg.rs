@@ -135,13 +135,41 @@ impl Database {
     }
 }
 
-/// What a database error says: the server's own message when there is one
-/// (never the statement, which may carry a password).
-pub fn db_message(error: &tokio_postgres::Error) -> String {
+/// What went wrong, in one line, as the server said it: its message,
+/// SQLSTATE, DETAIL and HINT for a database error; for anything else
+/// (TLS, I/O, a refused connection) the error and each of its causes.
+/// Never the statement, which may carry a password.
+pub fn describe(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
-        Some(db) => db.message().to_owned(),
-        None => error.to_string(),
+        Some(db) => describe_server_error(db.message(), db.code().code(), db.detail(), db.hint()),
+        None => {
+            let mut text = error.to_string();
+            let mut cause = std::error::Error::source(error);
+            while let Some(inner) = cause {
+                let inner_text = inner.to_string();
+                if !text.ends_with(&inner_text) {
+                    text.push_str(": ");
+                    text.push_str(&inner_text);
+                }
+                cause = inner.source();
+            }
+            text
+        }
     }
+}
+
+/// The one rendering of a server's error report (also used by the
+/// replication client, which parses the report itself).
+pub fn describe_server_error(message: &str, sqlstate: &str, detail: Option<&str>, hint: Option<&str>) -> String {
+    let one_line = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut text = format!("{} (SQLSTATE {sqlstate})", one_line(message));
+    if let Some(detail) = detail.filter(|d| !d.is_empty()) {
+        text.push_str(&format!("; DETAIL: {}", one_line(detail)));
+    }
+    if let Some(hint) = hint.filter(|h| !h.is_empty()) {
+        text.push_str(&format!("; HINT: {}", one_line(hint)));
+    }
+    text
 }
 
 #[cfg(test)]
