@@ -40,12 +40,18 @@ enum Command {
         json: bool,
     },
     /// Check the source (through its agent) and the target; creates nothing. Exit 1 on any error finding.
+    ///
+    /// As `start` will run it, it also proves that the target can log in to the source the way
+    /// the subscription will (a throwaway subscription that connects through the tunnel, or
+    /// directly with --direct, and is dropped at once); --copy-only leaves that out.
     Preflight {
         /// The agent next to the source.
         #[arg(long)]
         agent: String,
         #[command(flatten)]
         tables: TableArgs,
+        #[command(flatten)]
+        route: RouteArgs,
         /// Print one JSON document instead of a table.
         #[arg(long)]
         json: bool,
@@ -66,12 +72,8 @@ enum Command {
         /// Do not checksum each table right after its copy.
         #[arg(long)]
         no_verify: bool,
-        /// The subscription connects to the source itself instead of through the controller's tunnel.
-        #[arg(long)]
-        direct: bool,
-        /// Stop after the initial copy: no subscription, no streaming.
-        #[arg(long)]
-        copy_only: bool,
+        #[command(flatten)]
+        route: RouteArgs,
         /// Print the final status as one JSON document.
         #[arg(long)]
         json: bool,
@@ -162,6 +164,17 @@ struct TableArgs {
     exclude: Vec<String>,
 }
 
+/// How the migration's changes will reach the target.
+#[derive(Debug, clap::Args)]
+struct RouteArgs {
+    /// The subscription connects to the source itself instead of through the controller's tunnel.
+    #[arg(long)]
+    direct: bool,
+    /// Stop after the initial copy: no subscription, no streaming.
+    #[arg(long)]
+    copy_only: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum CertsCommand {
     /// Write a CA, the controller's certificate, one per agent and the operator's.
@@ -223,16 +236,29 @@ fn main() -> ExitCode {
         Command::Agents { json } => {
             with_controller(&matches, |address| async move { agents::run(&address, json).await })
         }
-        Command::Preflight { agent, tables, json } => with_controller(&matches, |address| async move {
-            migrate::preflight(&address, agent, &tables.tables, &tables.exclude, json).await
+        Command::Preflight {
+            agent,
+            tables,
+            route,
+            json,
+        } => with_controller(&matches, |address| async move {
+            migrate::preflight(
+                &address,
+                agent,
+                &tables.tables,
+                &tables.exclude,
+                route.direct,
+                route.copy_only,
+                json,
+            )
+            .await
         }),
         Command::Start {
             agent,
             tables,
             parallel,
             no_verify,
-            direct,
-            copy_only,
+            route: RouteArgs { direct, copy_only },
             json,
         } => with_controller(&matches, |address| async move {
             let options = migrate::StartOptions {

@@ -43,6 +43,8 @@ pub async fn preflight(
     agent: String,
     tables: &[String],
     exclude: &[String],
+    direct: bool,
+    copy_only: bool,
     json: bool,
 ) -> Result<(), Failure> {
     let mut client = connect(address).await.map_err(Failure::Operation)?;
@@ -50,6 +52,8 @@ pub async fn preflight(
         .preflight(wire::PreflightRequest {
             agent,
             selection: selection(tables, exclude),
+            direct,
+            copy_only,
         })
         .await
         .map_err(call_failed)?
@@ -433,12 +437,20 @@ pub async fn removal(address: &ApiAddress, which: Removal, json: bool) -> Result
     .map_err(call_failed)?
     .into_inner();
     if json {
-        print_json(&serde_json::json!({ "phase": response.phase, "removed": response.removed }));
-    } else if response.removed.is_empty() {
-        println!("nothing to remove; phase {}", response.phase);
+        print_json(&serde_json::json!({
+            "phase": response.phase,
+            "removed": response.removed,
+            "remaining": response.remaining,
+        }));
     } else {
+        if response.removed.is_empty() && response.remaining.is_empty() {
+            println!("nothing to remove");
+        }
         for removed in &response.removed {
             println!("removed {removed}");
+        }
+        for remaining in &response.remaining {
+            println!("left behind: {remaining}");
         }
         println!("phase {}", response.phase);
     }

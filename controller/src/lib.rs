@@ -10,7 +10,8 @@
 //! * [`plan`]: from catalog and selection to what is copied.
 //! * [`schema`]: pg_dump's sections applied to the target.
 //! * [`transfer`]: table data into the target; checksums.
-//! * [`preflight`]: the target-side checks.
+//! * [`preflight`]: the target-side checks; [`probe`]: the proof that the
+//!   subscription can log in to the source.
 //! * [`subscription`]: the target's subscription.
 //! * [`tunnel`]: the subscription's connections, carried to the agent.
 //! * [`cutover`]: fence, catch up, sequences, detach.
@@ -28,6 +29,7 @@ pub mod migration;
 pub mod operations;
 pub mod plan;
 pub mod preflight;
+pub mod probe;
 pub mod registry;
 pub mod schema;
 pub mod subscription;
@@ -156,6 +158,7 @@ impl BoundController {
                     split_bytes: config.split_bytes,
                     tunnel_advertise: config.tunnel.advertise.clone(),
                     retained_wal_warning: config.retained_wal_warning,
+                    subscription_tls: config.subscription_tls.clone(),
                 },
             )
             .map_err(|e| e.to_string())?,

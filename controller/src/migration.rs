@@ -156,6 +156,11 @@ pub struct MigrationRecord {
     /// `pg_<oid>`, which cleanup makes sure is gone.
     #[serde(default)]
     pub subscription_oid: u32,
+    /// The role walbridge creates on the source for the subscription to log
+    /// in as, dropped with the migration's other source objects (nothing
+    /// to drop when the agent uses the operator's `subscription.user`).
+    #[serde(default)]
+    pub subscription_role: String,
     /// The fence was sealed on the source (it stays until released).
     #[serde(default)]
     pub fence_sealed: bool,
@@ -228,6 +233,23 @@ pub async fn release_replication(agent: &AgentClient, record: &MigrationRecord) 
             Err(status) => released.problems.push(format!("{slot}: {}", status.message())),
         }
     }
+    if !record.subscription_role.is_empty() {
+        match agent
+            .clone()
+            .drop_subscription_role(wire::DropSubscriptionRoleRequest {
+                role: record.subscription_role.clone(),
+            })
+            .await
+        {
+            Ok(dropped) if dropped.get_ref().dropped => released
+                .removed
+                .push(format!("role {} on the source", record.subscription_role)),
+            Ok(_) => {}
+            Err(status) => released
+                .problems
+                .push(format!("role {}: {}", record.subscription_role, status.message())),
+        }
+    }
     released
 }
 
@@ -238,6 +260,8 @@ pub struct MigrationSettings {
     /// HOST:PORT of the tunnel, as the target reaches it.
     pub tunnel_advertise: Option<(String, u16)>,
     pub retained_wal_warning: u64,
+    /// The subscription's TLS where the source's settings do not carry over.
+    pub subscription_tls: subscription::SubscriptionTls,
 }
 
 /// The slot (and publication) name of a migration's copy attempt: a new
@@ -906,27 +930,40 @@ impl Migrations {
     /// statement and is kept nowhere else by walbridge.
     async fn subscribe(&self, agent: &AgentClient, record: &mut MigrationRecord) -> Result<(), StepError> {
         let target = self.target_db()?;
+        let route = self.route(record.direct).map_err(StepError::Failed)?;
+        // The role's name is journaled before it exists, so that whatever
+        // happens next, the migration's end drops it (a no-op when the
+        // agent uses the operator's subscription.user instead).
+        let role = format!("walbridge_{}", record.id);
+        if record.subscription_role != role {
+            record.subscription_role = role.clone();
+            self.save(record).await?;
+        }
         let source = agent
             .clone()
-            .subscription_connection(wire::SubscriptionConnectionRequest {})
+            .subscription_connection(wire::SubscriptionConnectionRequest { role })
             .await
             .map_err(|s| StepError::Failed(s.message().to_owned()))?
             .into_inner();
-        let (host, port) = if record.direct {
-            (source.host.clone(), source.port as u16)
-        } else {
-            self.settings
-                .tunnel_advertise
-                .clone()
-                .ok_or_else(|| StepError::Failed("listen.tunnel is not set (or start with --direct)".to_owned()))?
-        };
-        let oid = subscription::create(target, record, &source, &host, port)
+        let oid = subscription::create(target, record, &source, &route, &self.settings.subscription_tls)
             .await
             .map_err(StepError::Failed)?;
-        tracing::info!(subscription = %record.subscription, via = %format!("{host}:{port}"), direct = record.direct, "subscription created");
+        tracing::info!(subscription = %record.subscription, role = %source.user, direct = record.direct, "subscription created");
         record.subscription_oid = oid;
         record.phase = Phase::Streaming;
         self.save(record).await
+    }
+
+    /// How the target reaches the source: directly, or through the tunnel.
+    pub fn route(&self, direct: bool) -> Result<subscription::Route, String> {
+        if direct {
+            return Ok(subscription::Route::Direct);
+        }
+        self.settings
+            .tunnel_advertise
+            .clone()
+            .map(|(host, port)| subscription::Route::Tunnel { host, port })
+            .ok_or_else(|| "listen.tunnel is not set (or start with --direct)".to_owned())
     }
 
     /// A cutover the controller did not see to its end (it restarted). The

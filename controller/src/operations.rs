@@ -21,6 +21,7 @@ use walbridge_proto::v1 as wire;
 use crate::migration::{APPLICATION_NAME, MigrationRecord, Migrations, Phase};
 use crate::plan::plan;
 use crate::registry::AgentClient;
+use crate::subscription::Route;
 use crate::{subscription, transfer};
 
 /// Tables verified at once by `verify`.
@@ -51,11 +52,13 @@ pub(crate) fn agent_client(migrations: &Migrations, name: &str) -> Result<AgentC
     )))
 }
 
-/// Source checks through the agent, then target checks here.
+/// Source checks through the agent, then target checks here, then (unless
+/// the migration will only copy) the proof that the subscription can log in.
 pub async fn preflight(
     migrations: &Migrations,
     agent: &AgentClient,
     tables: &[QualifiedName],
+    subscribe: Option<&Route>,
 ) -> Result<Vec<Finding>, Status> {
     let source = agent
         .clone()
@@ -90,6 +93,18 @@ pub async fn preflight(
             .await
             .map_err(|e| Status::internal(format!("target preflight failed: {}", describe(&e))))?,
     );
+    // The probe needs a role that may create a subscription on the target
+    // and one that may make the subscription's role on the source.
+    let cannot_probe = findings
+        .iter()
+        .any(|f| f.is_error() && matches!(f.check.as_str(), "subscription_privilege" | "subscription_role"));
+    if let Some(route) = subscribe
+        && !cannot_probe
+    {
+        findings.extend(
+            crate::probe::subscription_login(&client, agent, route, &migrations.settings().subscription_tls).await,
+        );
+    }
     findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     Ok(findings)
 }
@@ -111,7 +126,22 @@ pub async fn preflight_call(migrations: &Migrations, request: wire::PreflightReq
     let agent = agent_client(migrations, &request.agent)?;
     let selection = selection_from_wire(request.selection);
     let planned = plan(catalog(&agent).await?, &selection, migrations.settings().split_bytes).map_err(bad_selection)?;
-    preflight(migrations, &agent, &planned.publication_tables).await
+    let route = subscription_route(migrations, request.direct, request.copy_only)?;
+    preflight(migrations, &agent, &planned.publication_tables, route.as_ref()).await
+}
+
+/// How the subscription will reach the source; `None` when there will be
+/// no subscription.
+fn subscription_route(migrations: &Migrations, direct: bool, copy_only: bool) -> Result<Option<Route>, Status> {
+    if copy_only {
+        return Ok(None);
+    }
+    migrations.route(direct).map(Some).map_err(|_| {
+        Status::failed_precondition(
+            "listen.tunnel is not set on the controller: the subscription needs the tunnel to reach the source \
+             (or start with --direct when the target can reach the source itself)",
+        )
+    })
 }
 
 /// Checks everything, records the migration, and starts running it.
@@ -134,15 +164,10 @@ pub async fn start(
             current.phase.name()
         )));
     }
-    if !request.direct && !request.copy_only && migrations.settings().tunnel_advertise.is_none() {
-        return Err(Status::failed_precondition(
-            "listen.tunnel is not set on the controller: the subscription needs the tunnel to reach the source \
-             (or start with --direct when the target can reach the source itself)",
-        ));
-    }
+    let route = subscription_route(migrations, request.direct, request.copy_only)?;
     let selection = selection_from_wire(request.selection);
     let planned = plan(catalog(&agent).await?, &selection, migrations.settings().split_bytes).map_err(bad_selection)?;
-    let findings = preflight(migrations, &agent, &planned.publication_tables).await?;
+    let findings = preflight(migrations, &agent, &planned.publication_tables, route.as_ref()).await?;
     let errors: Vec<String> = findings
         .iter()
         .filter(|f| f.is_error())
@@ -195,6 +220,7 @@ pub async fn start(
         copy_only: request.copy_only,
         subscription: format!("walbridge_{id}"),
         subscription_oid: 0,
+        subscription_role: String::new(),
         fence_sealed: false,
         cutover: None,
     };
@@ -422,6 +448,7 @@ pub async fn release_source(migrations: &Migrations) -> Result<wire::CleanupResp
     Ok(wire::CleanupResponse {
         removed,
         phase: record.phase.name().to_owned(),
+        remaining: Vec::new(),
     })
 }
 
@@ -495,14 +522,15 @@ async fn remove_everything(
 ) -> Result<wire::CleanupResponse, Status> {
     let agent = agent_client(migrations, &record.agent)?;
     let mut removed = Vec::new();
+    let mut remaining = Vec::new();
     if let Some(target) = migrations.target()
         && !record.subscription.is_empty()
     {
-        removed.extend(
-            subscription::remove(target, &record.subscription, record.subscription_oid)
-                .await
-                .map_err(Status::unavailable)?,
-        );
+        let outcome = subscription::remove(target, &record.subscription, record.subscription_oid)
+            .await
+            .map_err(Status::unavailable)?;
+        removed.extend(outcome.removed);
+        remaining.extend(outcome.remaining);
     }
     let released = crate::migration::release_replication(&agent, &record).await;
     removed.extend(released.removed);
@@ -526,5 +554,6 @@ async fn remove_everything(
     Ok(wire::CleanupResponse {
         removed,
         phase: phase.name().to_owned(),
+        remaining,
     })
 }
