@@ -16,9 +16,11 @@ use tokio_postgres::Client;
 use tonic::Status;
 use walbridge_daemon::pg::{Database, describe};
 use walbridge_migration::copy::{self, PageRange, SESSION_SETTINGS};
+use walbridge_migration::fault::{Fault, FaultKind};
 use walbridge_migration::ident::{QualifiedName, quote_literal};
 use walbridge_proto::v1 as wire;
 
+use crate::fault;
 use crate::source::APPLICATION_NAME;
 
 /// Raw bytes per chunk before compression.
@@ -35,7 +37,8 @@ pub fn channel() -> (ChunkSender, mpsc::Receiver<Result<wire::DataChunk, Status>
 }
 
 fn compress(raw: &[u8]) -> Result<wire::DataChunk, Status> {
-    let data = zstd::bulk::compress(raw, ZSTD_LEVEL).map_err(|e| Status::internal(format!("zstd: {e}")))?;
+    let data = zstd::bulk::compress(raw, ZSTD_LEVEL)
+        .map_err(|e| fault::status(Fault::new(FaultKind::Internal, format!("zstd: {e}"))))?;
     Ok(wire::DataChunk {
         data,
         raw_len: raw.len() as u64,
@@ -48,7 +51,7 @@ pub async fn snapshot_session(source: &Database, snapshot: &str) -> Result<Clien
     let client = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the source (source.url): {}", describe(&e))))?;
+        .map_err(|e| crate::fault::source_status("cannot reach the source (source.url)", &e))?;
     let mut setup = format!("{SESSION_SETTINGS}; START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY");
     if !snapshot.is_empty() {
         setup.push_str(&format!("; SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)));
@@ -56,9 +59,12 @@ pub async fn snapshot_session(source: &Database, snapshot: &str) -> Result<Clien
     client.batch_execute(&setup).await.map_err(|e| {
         let message = describe(&e);
         if message.contains("invalid snapshot identifier") {
-            Status::failed_precondition(format!("the snapshot {snapshot} is gone: {message}"))
+            fault::status(Fault::new(
+                FaultKind::SnapshotLost,
+                format!("the snapshot {snapshot} is gone: {message}"),
+            ))
         } else {
-            Status::internal(format!("cannot open a snapshot session on the source: {message}"))
+            fault::source_status("cannot open a snapshot session on the source", &e)
         }
     })?;
     Ok(client)
@@ -78,12 +84,12 @@ pub async fn copy_table(
         let stream = client
             .copy_out(&copy::copy_out(&table, &columns, range))
             .await
-            .map_err(|e| Status::internal(format!("COPY of {table} failed on the source: {}", describe(&e))))?;
+            .map_err(|e| crate::fault::source_status(format!("COPY of {table} failed on the source"), &e))?;
         pin_mut!(stream);
         let mut buffer = BytesMut::with_capacity(CHUNK_BYTES);
         while let Some(piece) = stream.next().await {
-            let piece: Bytes = piece
-                .map_err(|e| Status::internal(format!("COPY of {table} failed on the source: {}", describe(&e))))?;
+            let piece: Bytes =
+                piece.map_err(|e| crate::fault::source_status(format!("COPY of {table} failed on the source"), &e))?;
             buffer.extend_from_slice(&piece);
             if buffer.len() >= CHUNK_BYTES {
                 let chunk = compress(&buffer)?;
@@ -136,7 +142,7 @@ pub async fn dump_schema(
         }
         let mut child = command
             .spawn()
-            .map_err(|e| Status::failed_precondition(format!("cannot run {pg_dump}: {e}")))?;
+            .map_err(|e| fault::status(Fault::new(FaultKind::Internal, format!("cannot run {pg_dump}: {e}"))))?;
         let mut stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
         let errors = tokio::spawn(async move {
@@ -146,10 +152,12 @@ pub async fn dump_schema(
         });
         let mut buffer = vec![0u8; CHUNK_BYTES];
         loop {
-            let n = stdout
-                .read(&mut buffer)
-                .await
-                .map_err(|e| Status::internal(format!("reading pg_dump's output: {e}")))?;
+            let n = stdout.read(&mut buffer).await.map_err(|e| {
+                fault::status(Fault::new(
+                    FaultKind::Internal,
+                    format!("reading pg_dump's output: {e}"),
+                ))
+            })?;
             if n == 0 {
                 break;
             }
@@ -160,12 +168,13 @@ pub async fn dump_schema(
         let status = child
             .wait()
             .await
-            .map_err(|e| Status::internal(format!("waiting for pg_dump: {e}")))?;
+            .map_err(|e| fault::status(Fault::new(FaultKind::Internal, format!("waiting for pg_dump: {e}"))))?;
         let errors = errors.await.unwrap_or_default();
         if !status.success() {
-            return Err(Status::internal(format!(
-                "pg_dump failed ({status}): {}",
-                errors.trim()
+            let errors = errors.trim();
+            return Err(fault::status(Fault::new(
+                pg_dump_fault(errors),
+                format!("pg_dump failed ({status}): {errors}"),
             )));
         }
         Ok(())
@@ -173,6 +182,26 @@ pub async fn dump_schema(
     .await;
     if let Err(status) = result {
         let _ = out.send(Err(status)).await;
+    }
+}
+
+/// What kind of fault pg_dump's complaint is: it reports only text.
+fn pg_dump_fault(stderr: &str) -> FaultKind {
+    let says = |words: &[&str]| words.iter().any(|w| stderr.contains(w));
+    if says(&["invalid snapshot identifier"]) {
+        FaultKind::SnapshotLost
+    } else if says(&[
+        "could not connect",
+        "connection to server",
+        "server closed the connection",
+        "terminating connection",
+        "the database system is",
+    ]) {
+        FaultKind::SourceUnavailable
+    } else if says(&["permission denied", "password authentication failed"]) {
+        FaultKind::Privilege
+    } else {
+        FaultKind::Internal
     }
 }
 
@@ -197,6 +226,6 @@ pub async fn checksum(
     let row = client
         .query_one(&copy::checksum(table, columns), &[])
         .await
-        .map_err(|e| Status::internal(format!("checksum of {table} failed on the source: {}", describe(&e))))?;
+        .map_err(|e| crate::fault::source_status(format!("checksum of {table} failed on the source"), &e))?;
     Ok((row.get::<_, i64>(0) as u64, row.get(1)))
 }

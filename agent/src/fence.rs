@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tonic::{Status, Streaming};
 use walbridge_daemon::pg::Database;
+use walbridge_migration::fault::{Fault, FaultKind};
 use walbridge_migration::ident::QualifiedName;
 use walbridge_proto::convert::name_from_wire;
 use walbridge_proto::v1 as wire;
@@ -65,10 +66,7 @@ pub async fn run(source: Database, mut commands: Streaming<wire::FenceCommand>, 
             }
             Err(e) => {
                 let _ = events
-                    .send(Err(Status::internal(format!(
-                        "cannot seal the fence: {}",
-                        describe(&e)
-                    ))))
+                    .send(Err(crate::fault::source_status("cannot seal the fence", &e)))
                     .await;
             }
         },
@@ -93,7 +91,7 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
     let client = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the source: {}", describe(&e))))?;
+        .map_err(|e| crate::fault::source_status("cannot reach the source", &e))?;
     let list: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
     let lock = format!(
         "BEGIN; SET LOCAL lock_timeout = {}; LOCK TABLE {} IN EXCLUSIVE MODE",
@@ -101,15 +99,18 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
         list.join(", ")
     );
     if let Err(e) = client.batch_execute(&lock).await {
-        let message = describe(&e);
         let waiting = e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
         return Err(if waiting {
-            Status::aborted(format!(
-                "could not fence writes within {lock_timeout_ms} ms: a transaction holds a lock that conflicts \
-                 ({message}); the source carries on unchanged"
+            crate::fault::status(Fault::new(
+                FaultKind::Timeout,
+                format!(
+                    "could not fence writes within {lock_timeout_ms} ms: a transaction holds a lock that conflicts \
+                     ({}); the source carries on unchanged",
+                    describe(&e)
+                ),
             ))
         } else {
-            Status::internal(format!("could not fence writes: {message}"))
+            crate::fault::source_status("could not fence writes", &e)
         });
     }
     // Every transaction that wrote to these tables has ended now (the
@@ -121,7 +122,7 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
     let marker = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the source: {}", describe(&e))))?;
+        .map_err(|e| crate::fault::source_status("cannot reach the source", &e))?;
     let mark = async {
         marker.batch_execute("BEGIN; SET LOCAL synchronous_commit = on").await?;
         let row = marker
@@ -132,7 +133,7 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
     };
     let lsn = mark
         .await
-        .map_err(|e| Status::internal(format!("cannot mark the fence in the WAL: {}", describe(&e))))?;
+        .map_err(|e| crate::fault::source_status("cannot mark the fence in the WAL", &e))?;
     Ok((client, lsn))
 }
 
@@ -174,8 +175,8 @@ pub async fn release(source: &Database) -> Result<u32, Status> {
     let client = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the source: {}", describe(&e))))?;
-    let fail = |e: tokio_postgres::Error| Status::internal(format!("cannot release the fence: {}", describe(&e)));
+        .map_err(|e| crate::fault::source_status("cannot reach the source", &e))?;
+    let fail = |e: tokio_postgres::Error| crate::fault::source_status("cannot release the fence", &e);
     let tables: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \

@@ -21,6 +21,7 @@
 pub mod catalog;
 pub mod config;
 pub mod copy;
+pub mod fault;
 pub mod fence;
 pub mod link;
 pub mod preflight;

@@ -48,6 +48,19 @@ pub enum ReplicationError {
     Unsupported(String),
 }
 
+impl ReplicationError {
+    /// The fault kind of this error (see `walbridge_migration::fault`).
+    pub fn kind(&self) -> walbridge_migration::fault::FaultKind {
+        use walbridge_migration::fault::{FaultKind, Side};
+        match self {
+            ReplicationError::Connect(_) | ReplicationError::Closed => FaultKind::SourceUnavailable,
+            ReplicationError::Auth(_) => FaultKind::Privilege,
+            ReplicationError::Server { code, .. } => FaultKind::of_sqlstate(code, Side::Source),
+            ReplicationError::Protocol(_) | ReplicationError::Unsupported(_) => FaultKind::Internal,
+        }
+    }
+}
+
 /// What `CREATE_REPLICATION_SLOT` returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreatedSlot {

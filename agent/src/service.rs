@@ -9,9 +9,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use walbridge_daemon::VERSION;
-use walbridge_daemon::pg::{Database, describe};
+use walbridge_daemon::pg::Database;
 use walbridge_daemon::telemetry::continue_trace;
 use walbridge_migration::copy::PageRange;
+use walbridge_migration::fault::{Fault, FaultKind};
 use walbridge_migration::ident::QualifiedName;
 use walbridge_proto::convert::{name_from_wire, name_to_wire};
 use walbridge_proto::v1 as wire;
@@ -100,7 +101,7 @@ impl Agent {
             .source
             .connect(APPLICATION_NAME)
             .await
-            .map_err(|e| Status::unavailable(format!("cannot reach the source (source.url): {}", describe(&e))))
+            .map_err(|e| crate::fault::source_status("cannot reach the source (source.url)", &e))
     }
 }
 
@@ -138,11 +139,11 @@ impl AgentService for Agent {
             };
             let (mut findings, facts) = preflight::check_source(&client, &scope)
                 .await
-                .map_err(|e| Status::internal(format!("preflight query failed: {}", describe(&e))))?;
+                .map_err(|e| crate::fault::source_status("preflight query failed", &e))?;
             findings.extend(
                 crate::subscription_role::check(&client, &self.state.subscription_role)
                     .await
-                    .map_err(|e| Status::internal(format!("preflight query failed: {}", describe(&e))))?,
+                    .map_err(|e| crate::fault::source_status("preflight query failed", &e))?,
             );
             let version = pg_dump_version(&self.state.pg_dump).await;
             findings.extend(preflight::check_pg_dump(version.as_deref(), facts.server_version_num));
@@ -174,7 +175,7 @@ impl AgentService for Agent {
             let client = self.source_client().await?;
             let tables = catalog::list_tables(&client)
                 .await
-                .map_err(|e| Status::internal(format!("listing tables failed: {}", describe(&e))))?;
+                .map_err(|e| crate::fault::source_status("listing tables failed", &e))?;
             Ok(Response::new(wire::ListTablesResponse {
                 tables: tables
                     .into_iter()
@@ -218,7 +219,7 @@ impl AgentService for Agent {
                 .snapshots
                 .create(&self.state.source, &request.slot, &request.publication, &tables)
                 .await
-                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+                .map_err(|e| crate::fault::status(Fault::new(e.kind(), e.to_string())))?;
             Ok(Response::new(wire::SnapshotCreated {
                 slot: held.slot,
                 snapshot: held.snapshot,
@@ -335,7 +336,7 @@ impl AgentService for Agent {
             crate::snapshot::drop_replication(&self.state.source, &request.slot, &request.publication)
                 .instrument(span)
                 .await
-                .map_err(|e| Status::internal(format!("cannot drop {}: {}", request.slot, describe(&e))))?;
+                .map_err(|e| crate::fault::source_status(format!("cannot drop {}", request.slot), &e))?;
         if dropped_slot || dropped_publication {
             tracing::info!(slot = %request.slot, dropped_slot, dropped_publication, "dropped replication objects");
         }
@@ -369,14 +370,18 @@ impl AgentService for Agent {
             let version: i32 = client
                 .query_one("SELECT current_setting('server_version_num')::int4", &[])
                 .await
-                .map_err(|e| Status::unavailable(format!("cannot read the source's version: {}", describe(&e))))?
+                .map_err(|e| crate::fault::source_status("cannot read the source's version", &e))?
                 .get(0);
             let credentials =
                 crate::subscription_role::ensure(&client, &self.state.subscription_role, &request.get_ref().role)
                     .await
                     .map_err(|e| match e {
-                        crate::subscription_role::RoleError::NotAllowed(text) => Status::permission_denied(text),
-                        crate::subscription_role::RoleError::Database(text) => Status::unavailable(text),
+                        crate::subscription_role::RoleError::NotAllowed(text) => {
+                            crate::fault::status(Fault::new(FaultKind::Privilege, text))
+                        }
+                        crate::subscription_role::RoleError::Database(kind, text) => {
+                            crate::fault::status(Fault::new(kind, text))
+                        }
                     })?;
             if credentials.created {
                 tracing::info!(role = %credentials.user, "the subscription's role is ready on the source");
@@ -407,7 +412,7 @@ impl AgentService for Agent {
             let client = self.source_client().await?;
             let dropped = crate::subscription_role::remove(&client, role)
                 .await
-                .map_err(Status::unavailable)?;
+                .map_err(|text| crate::fault::status(Fault::new(FaultKind::SourceUnavailable, text)))?;
             if dropped {
                 tracing::info!(role = %request.get_ref().role, "dropped the subscription's role");
             }
@@ -426,7 +431,7 @@ impl AgentService for Agent {
             let client = self.source_client().await?;
             let status = crate::streaming::slot_status(&client, &request.get_ref().slot)
                 .await
-                .map_err(|e| Status::internal(format!("reading the slot failed: {}", describe(&e))))?;
+                .map_err(|e| crate::fault::source_status("reading the slot failed", &e))?;
             Ok(Response::new(status))
         }
         .instrument(span)
@@ -456,7 +461,7 @@ impl AgentService for Agent {
             let client = self.source_client().await?;
             let sequences = crate::streaming::sequences(&client)
                 .await
-                .map_err(|e| Status::internal(format!("reading sequences failed: {}", describe(&e))))?;
+                .map_err(|e| crate::fault::source_status("reading sequences failed", &e))?;
             Ok(Response::new(wire::SequencesResponse { sequences }))
         }
         .instrument(span)

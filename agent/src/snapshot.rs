@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
-use walbridge_daemon::pg::Database;
+use walbridge_daemon::pg::{Database, describe};
+use walbridge_migration::fault::FaultKind;
 use walbridge_migration::ident::{QualifiedName, quote_ident, quote_literal};
 
 use crate::replication::{ReplicationConnection, ReplicationError};
@@ -25,12 +26,25 @@ pub struct HeldSnapshot {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("cannot reach the source: {0}")]
-    Source(String),
+    #[error("cannot reach the source: {message}")]
+    Source { kind: FaultKind, message: String },
     #[error("cannot create the publication {publication}: {message}")]
-    Publication { publication: String, message: String },
+    Publication {
+        publication: String,
+        kind: FaultKind,
+        message: String,
+    },
     #[error("cannot create the replication slot {slot}: {source}")]
     Slot { slot: String, source: ReplicationError },
+}
+
+impl SnapshotError {
+    pub fn kind(&self) -> FaultKind {
+        match self {
+            SnapshotError::Source { kind, .. } | SnapshotError::Publication { kind, .. } => *kind,
+            SnapshotError::Slot { source, .. } => source.kind(),
+        }
+    }
 }
 
 struct Holder {
@@ -63,15 +77,12 @@ impl Snapshots {
         publication: &str,
         tables: &[QualifiedName],
     ) -> Result<HeldSnapshot, SnapshotError> {
-        let client = source
-            .connect(APPLICATION_NAME)
-            .await
-            .map_err(|e| SnapshotError::Source(e.to_string()))?;
+        let client = source.connect(APPLICATION_NAME).await.map_err(source_error)?;
         let table_list = tables.iter().map(QualifiedName::quoted).collect::<Vec<_>>().join(", ");
         let exists = client
             .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
             .await
-            .map_err(|e| SnapshotError::Source(e.to_string()))?
+            .map_err(source_error)?
             .is_some();
         let statement = if exists {
             format!("ALTER PUBLICATION {} SET TABLE {table_list}", quote_ident(publication))
@@ -83,10 +94,8 @@ impl Snapshots {
             .await
             .map_err(|e| SnapshotError::Publication {
                 publication: publication.to_owned(),
-                message: e
-                    .as_db_error()
-                    .map(|d| d.message().to_owned())
-                    .unwrap_or_else(|| e.to_string()),
+                kind: crate::fault::kind_of(&e),
+                message: describe(&e),
             })?;
         drop(client);
 
@@ -169,6 +178,13 @@ impl Snapshots {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Holder>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn source_error(e: tokio_postgres::Error) -> SnapshotError {
+    SnapshotError::Source {
+        kind: crate::fault::kind_of(&e),
+        message: describe(&e),
     }
 }
 

@@ -58,8 +58,8 @@ pub struct Credentials {
 pub enum RoleError {
     #[error("{0}")]
     NotAllowed(String),
-    #[error("{0}")]
-    Database(String),
+    #[error("{1}")]
+    Database(walbridge_migration::fault::FaultKind, String),
 }
 
 /// Makes sure the subscription's role exists and returns its credentials:
@@ -83,7 +83,7 @@ pub async fn ensure(client: &Client, role: &SubscriptionRole, name: &str) -> Res
     let exists = client
         .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
         .await
-        .map_err(|e| RoleError::Database(describe(&e)))?
+        .map_err(|e| RoleError::Database(crate::fault::kind_of(&e), describe(&e)))?
         .is_some();
     let statement = if exists {
         format!("ALTER ROLE {} PASSWORD {}", quote_ident(name), quote_literal(&verifier))
@@ -102,7 +102,10 @@ pub async fn ensure(client: &Client, role: &SubscriptionRole, name: &str) -> Res
                  subscription.password to a role made for the subscription"
             ))
         } else {
-            RoleError::Database(format!("cannot create the subscription's role {name}: {text}"))
+            RoleError::Database(
+                crate::fault::kind_of(&e),
+                format!("cannot create the subscription's role {name}: {text}"),
+            )
         }
     })?;
     Ok(Credentials {
@@ -234,7 +237,12 @@ pub async fn check(client: &Client, role: &SubscriptionRole) -> Result<Vec<Findi
 
 fn generate_password() -> Result<String, RoleError> {
     let mut bytes = [0u8; PASSWORD_BYTES];
-    getrandom::fill(&mut bytes).map_err(|e| RoleError::Database(format!("no randomness for a password: {e}")))?;
+    getrandom::fill(&mut bytes).map_err(|e| {
+        RoleError::Database(
+            walbridge_migration::fault::FaultKind::Internal,
+            format!("no randomness for a password: {e}"),
+        )
+    })?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 

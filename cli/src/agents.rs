@@ -1,8 +1,6 @@
 //! `walbridge agents`: the agents connected to the controller.
 
 use serde::Serialize;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use walbridge_proto::v1 as wire;
 
 use crate::client::{ApiAddress, connect};
@@ -55,10 +53,7 @@ pub async fn run(address: &ApiAddress, json: bool) -> Result<(), Failure> {
 }
 
 fn to_view(agent: wire::ConnectedAgent) -> AgentView {
-    let connected_at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(agent.connected_at_unix_ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default();
+    let connected_at = crate::output::local_time(agent.connected_at_unix_ms);
     let source = agent.hello.as_ref().and_then(|h| h.source.clone()).map(|s| SourceView {
         reachable: s.reachable,
         error: (!s.error.is_empty()).then_some(s.error),

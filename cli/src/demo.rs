@@ -246,7 +246,10 @@ async fn drive(source: &Cluster, api: &ApiAddress) -> Result<(), Failure> {
     println!("copied {rows} rows in {copy_seconds:.1} s; streaming changes through the tunnel");
     // Let the application write while changes stream, then wait for lag.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = wait_for(&mut client, "lag under 1 s", |s| s.lag_seconds < 1.0).await?;
+    let before = wait_for(&mut client, "lag under 1 s", |s| {
+        s.lag_seconds.is_some_and(|lag| lag < 1.0)
+    })
+    .await?;
 
     let report = client
         .cutover(wire::CutoverRequest {
@@ -286,7 +289,8 @@ async fn drive(source: &Cluster, api: &ApiAddress) -> Result<(), Failure> {
     );
     println!(
         "  lag before cutover      {:.3} s ({} bytes)",
-        before.lag_seconds, before.lag_bytes
+        before.lag_seconds.unwrap_or_default(),
+        before.lag_bytes.unwrap_or_default()
     );
     println!("  write downtime          {:.3} s", report.write_downtime_seconds);
     println!(

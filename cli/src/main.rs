@@ -113,6 +113,10 @@ enum Command {
     ///
     /// The target keeps the tables and rows already copied.
     Abort {
+        /// Also when the agent or the source is gone: remove what walbridge made on the target and
+        /// print what remains on the source, with the SQL that removes it there.
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -293,8 +297,8 @@ fn main() -> ExitCode {
         Command::ReleaseSource { json } => with_controller(&matches, |address| async move {
             migrate::removal(&address, migrate::Removal::ReleaseSource, json).await
         }),
-        Command::Abort { json } => with_controller(&matches, |address| async move {
-            migrate::removal(&address, migrate::Removal::Abort, json).await
+        Command::Abort { force, json } => with_controller(&matches, |address| async move {
+            migrate::removal(&address, migrate::Removal::Abort { force }, json).await
         }),
         Command::Cleanup { json } => with_controller(&matches, |address| async move {
             migrate::removal(&address, migrate::Removal::Cleanup, json).await

@@ -196,14 +196,36 @@ struct StatusView {
     errors: Vec<String>,
     events: Vec<String>,
     copy_restarts: u32,
-    lag_bytes: u64,
-    lag_seconds: f64,
-    retained_wal_bytes: u64,
+    /// Absent (null) while it cannot be known, e.g. with the agent away.
+    lag_bytes: Option<u64>,
+    lag_seconds: Option<f64>,
+    retained_wal_bytes: Option<u64>,
     slot_active: bool,
+    /// What the controller runs now: "" when the migration rests.
+    running: String,
+    retries: Vec<RetryView>,
+    waiting: Option<WaitView>,
     subscription: String,
     subscription_errors: u64,
     warnings: Vec<String>,
     cutover: Option<CutoverView>,
+}
+
+#[derive(Debug, Serialize)]
+struct RetryView {
+    unit: String,
+    count: u32,
+    kind: String,
+    hint: String,
+    last_error: String,
+    since_unix_ms: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct WaitView {
+    agent: String,
+    phase: String,
+    since_unix_ms: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -265,6 +287,24 @@ impl From<&wire::StatusResponse> for StatusView {
             lag_seconds: status.lag_seconds,
             retained_wal_bytes: status.retained_wal_bytes,
             slot_active: status.slot_active,
+            running: status.running.clone(),
+            retries: status
+                .retries
+                .iter()
+                .map(|r| RetryView {
+                    unit: r.unit.clone(),
+                    count: r.count,
+                    kind: r.kind.clone(),
+                    hint: r.hint.clone(),
+                    last_error: r.last_error.clone(),
+                    since_unix_ms: r.since_unix_ms,
+                })
+                .collect(),
+            waiting: status.waiting.as_ref().map(|w| WaitView {
+                agent: w.agent.clone(),
+                phase: w.phase.clone(),
+                since_unix_ms: w.since_unix_ms,
+            }),
             subscription: status.subscription.clone(),
             subscription_errors: status.subscription_errors,
             warnings: status.warnings.clone(),
@@ -282,13 +322,36 @@ fn print_status(status: &wire::StatusResponse) {
         println!("slot {}  consistent at {}", status.slot, status.consistent_lsn);
     }
     if !status.subscription.is_empty() {
+        let known = |value: Option<String>| value.unwrap_or_else(|| "unknown".to_owned());
         println!(
-            "subscription {}  lag {:.1} s / {} bytes  slot {}  WAL retained {} bytes",
+            "subscription {}  lag {} s / {} bytes  slot {}  WAL retained {} bytes",
             status.subscription,
-            status.lag_seconds,
-            status.lag_bytes,
+            known(status.lag_seconds.map(|s| format!("{s:.1}"))),
+            known(status.lag_bytes.map(|b| b.to_string())),
             if status.slot_active { "active" } else { "inactive" },
-            status.retained_wal_bytes
+            known(status.retained_wal_bytes.map(|b| b.to_string())),
+        );
+    }
+    if !status.running.is_empty() {
+        println!("running: {}", status.running);
+    }
+    if let Some(waiting) = &status.waiting {
+        println!(
+            "WAITING for agent {} since {} (phase {}): the migration goes on when it connects",
+            waiting.agent,
+            crate::output::local_time(waiting.since_unix_ms),
+            waiting.phase
+        );
+    }
+    for retry in &status.retries {
+        println!(
+            "retrying {} ({} times since {}, {}): {} ({})",
+            retry.unit,
+            retry.count,
+            crate::output::local_time(retry.since_unix_ms),
+            retry.kind,
+            retry.last_error,
+            retry.hint
         );
     }
     if let Some(cutover) = &status.cutover {
@@ -431,7 +494,7 @@ pub async fn removal(address: &ApiAddress, which: Removal, json: bool) -> Result
     let mut client = connect(address).await.map_err(Failure::Operation)?;
     let response = match which {
         Removal::ReleaseSource => client.release_source(wire::ReleaseSourceRequest {}).await,
-        Removal::Abort => client.abort(wire::AbortRequest {}).await,
+        Removal::Abort { force } => client.abort(wire::AbortRequest { force }).await,
         Removal::Cleanup => client.cleanup(wire::CleanupRequest {}).await,
     }
     .map_err(call_failed)?
@@ -460,7 +523,7 @@ pub async fn removal(address: &ApiAddress, which: Removal, json: bool) -> Result
 #[derive(Debug, Clone, Copy)]
 pub enum Removal {
     ReleaseSource,
-    Abort,
+    Abort { force: bool },
     Cleanup,
 }
 

@@ -20,9 +20,10 @@ use walbridge_proto::v1 as wire;
 use walbridge_proto::v1::controller_api_server::{ControllerApi, ControllerApiServer};
 
 use crate::link::{hello, unix_ms};
-use crate::migration::Migrations;
-use crate::operations;
 use crate::registry::Registry;
+use crate::runner::{RunError, Runner};
+use crate::steps::{cutover, teardown};
+use crate::{start, status, verify};
 
 /// Handshakes waiting for the API server to take them.
 const PENDING_API_CONNECTIONS: usize = 16;
@@ -31,19 +32,39 @@ const API_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct Api {
     registry: Arc<Registry>,
-    migrations: Arc<Migrations>,
-    tasks: TaskTracker,
-    shutdown: CancellationToken,
+    runner: Arc<Runner>,
 }
 
 impl Api {
-    pub fn new(migrations: Arc<Migrations>, tasks: TaskTracker, shutdown: CancellationToken) -> Api {
+    pub fn new(runner: Arc<Runner>) -> Api {
         Api {
-            registry: migrations.registry().clone(),
-            migrations,
-            tasks,
-            shutdown,
+            registry: runner.ctx().registry.clone(),
+            runner,
         }
+    }
+}
+
+/// The status an operation's failure reaches the CLI as: `Busy` and a
+/// refusal are preconditions; a fault by its kind.
+pub fn status_of(error: RunError) -> Status {
+    use walbridge_migration::fault::FaultKind;
+    match &error {
+        RunError::Busy(_) | RunError::Refused(_) => Status::failed_precondition(error.to_string()),
+        RunError::Fault(fault) => match fault.kind {
+            FaultKind::SourceUnavailable | FaultKind::TargetUnavailable | FaultKind::AgentAway => {
+                Status::unavailable(error.to_string())
+            }
+            FaultKind::Privilege => Status::permission_denied(error.to_string()),
+            _ => Status::internal(error.to_string()),
+        },
+    }
+}
+
+fn cleanup_response(removed: teardown::Removed, phase: &str) -> wire::CleanupResponse {
+    wire::CleanupResponse {
+        removed: removed.removed,
+        phase: phase.to_owned(),
+        remaining: removed.remaining,
     }
 }
 
@@ -79,20 +100,20 @@ impl ControllerApi for Api {
         &self,
         request: Request<wire::PreflightRequest>,
     ) -> Result<Response<wire::PreflightResponse>, Status> {
-        let findings = operations::preflight_call(&self.migrations, request.into_inner()).await?;
+        let findings = start::preflight_call(self.runner.ctx(), request.into_inner()).await?;
         Ok(Response::new(wire::PreflightResponse {
             findings: findings.into_iter().map(wire::Finding::from).collect(),
         }))
     }
 
     async fn start(&self, request: Request<wire::StartRequest>) -> Result<Response<wire::StartResponse>, Status> {
-        operations::start(&self.migrations, request.into_inner(), &self.tasks, &self.shutdown)
+        start::start(&self.runner, request.into_inner())
             .await
             .map(Response::new)
     }
 
     async fn status(&self, _request: Request<wire::StatusRequest>) -> Result<Response<wire::StatusResponse>, Status> {
-        operations::status(&self.migrations).await.map(Response::new)
+        status::status(&self.runner).await.map(Response::new)
     }
 
     async fn cutover(&self, request: Request<wire::CutoverRequest>) -> Result<Response<wire::CutoverResponse>, Status> {
@@ -106,36 +127,56 @@ impl ControllerApi for Api {
                 )))
             }
         };
-        let options = crate::cutover::Options {
+        let options = cutover::Options {
             max_lag: seconds(request.max_lag_seconds, "--max-lag")?,
             timeout: seconds(request.timeout_seconds, "--timeout")?,
             dry_run: request.dry_run,
         };
-        crate::cutover::run(&self.migrations, options).await.map(Response::new)
+        let report = self.runner.cutover(options).await.map_err(status_of)?;
+        Ok(Response::new(cutover::report_to_wire(&report)))
     }
 
     async fn release_source(
         &self,
         _request: Request<wire::ReleaseSourceRequest>,
     ) -> Result<Response<wire::CleanupResponse>, Status> {
-        operations::release_source(&self.migrations).await.map(Response::new)
+        let (removed, phase) = self.runner.release_source().await.map_err(status_of)?;
+        Ok(Response::new(cleanup_response(removed, phase.name())))
     }
 
-    async fn abort(&self, _request: Request<wire::AbortRequest>) -> Result<Response<wire::CleanupResponse>, Status> {
-        operations::abort(&self.migrations).await.map(Response::new)
+    async fn abort(&self, request: Request<wire::AbortRequest>) -> Result<Response<wire::CleanupResponse>, Status> {
+        let removed = self.runner.abort(request.get_ref().force).await.map_err(status_of)?;
+        let phase = self.phase();
+        Ok(Response::new(cleanup_response(removed, &phase)))
     }
 
     async fn cleanup(
         &self,
         _request: Request<wire::CleanupRequest>,
     ) -> Result<Response<wire::CleanupResponse>, Status> {
-        operations::cleanup(&self.migrations).await.map(Response::new)
+        let removed = self.runner.cleanup().await.map_err(status_of)?;
+        let phase = self.phase();
+        Ok(Response::new(cleanup_response(removed, &phase)))
     }
 
     async fn verify(&self, request: Request<wire::VerifyRequest>) -> Result<Response<wire::VerifyResponse>, Status> {
-        operations::verify(&self.migrations, request.into_inner())
+        verify::verify(self.runner.ctx(), request.into_inner())
             .await
             .map(Response::new)
+    }
+}
+
+impl Api {
+    /// The current migration's phase, as it is now.
+    fn phase(&self) -> String {
+        self.runner
+            .ctx()
+            .state
+            .current()
+            .ok()
+            .flatten()
+            .map(|r| r.phase.name().to_owned())
+            .unwrap_or_default()
     }
 }
 

@@ -5,8 +5,15 @@
 //! * [`config`]: the controller's settings.
 //! * [`link`]: accepting agents; the gRPC client over each agent's link.
 //! * [`registry`]: the agents connected now.
-//! * [`api`]: the CLI's API; [`operations`]: what its calls do.
-//! * [`migration`]: the migration's state machine and journal records.
+//! * [`api`]: the CLI's API; [`start`] (preflight, start), [`status`],
+//!   [`verify`]: what its calls do.
+//! * [`migration`]: the migration's records and its state, in one place.
+//! * [`runner`]: runs one operation at a time (the drive through the
+//!   phases, cutover, abort, cleanup) and applies the fault policy.
+//! * [`steps`]: one module per step of the migration.
+//! * [`fault`]: the controller's side of fault classification.
+//! * [`target`]: sessions on the target, one kind per purpose.
+//! * [`bookkeeping`]: what the target records of the work done on it.
 //! * [`plan`]: from catalog and selection to what is copied.
 //! * [`schema`]: pg_dump's sections applied to the target.
 //! * [`transfer`]: table data into the target; checksums.
@@ -14,27 +21,35 @@
 //!   subscription can log in to the source.
 //! * [`subscription`]: the target's subscription.
 //! * [`tunnel`]: the subscription's connections, carried to the agent.
-//! * [`cutover`]: fence, catch up, sequences, detach.
 //! * [`metrics`]: Prometheus metrics, read from `status` at scrape time.
+//!
+//! Modules below `steps` (`schema`, `transfer`, `subscription`, `target`,
+//! `bookkeeping`) know nothing of the migration's records or runner.
 //!
 //! **Architecture invariant**: only the controller connects to the target;
 //! it never connects to the source (the agent does).
 
 pub mod api;
+pub mod bookkeeping;
 pub mod config;
-pub mod cutover;
+pub mod fault;
 pub mod link;
 pub mod metrics;
 pub mod migration;
-pub mod operations;
 pub mod plan;
 pub mod preflight;
 pub mod probe;
 pub mod registry;
+pub mod runner;
 pub mod schema;
+pub mod start;
+pub mod status;
+pub mod steps;
 pub mod subscription;
+pub mod target;
 pub mod transfer;
 pub mod tunnel;
+pub mod verify;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -149,26 +164,24 @@ impl BoundController {
             tasks.clone(),
             shutdown.clone(),
         ));
-        let migrations = Arc::new(
-            migration::Migrations::open(
-                &journal,
-                registry,
-                config.target.clone(),
-                migration::MigrationSettings {
-                    split_bytes: config.split_bytes,
-                    tunnel_advertise: config.tunnel.advertise.clone(),
-                    retained_wal_warning: config.retained_wal_warning,
-                    subscription_tls: config.subscription_tls.clone(),
-                },
-            )
-            .map_err(|e| e.to_string())?,
-        );
+        let ctx = Arc::new(migration::Context {
+            registry,
+            target: config.target.clone(),
+            settings: migration::MigrationSettings {
+                split_bytes: config.split_bytes,
+                tunnel_advertise: config.tunnel.advertise.clone(),
+                retained_wal_warning: config.retained_wal_warning,
+                subscription_tls: config.subscription_tls.clone(),
+            },
+            state: migration::MigrationState::open(&journal).map_err(|e| e.to_string())?,
+        });
+        let runner = runner::Runner::new(ctx.clone(), tasks.clone(), shutdown.clone());
         if let Some(listener) = tunnel {
             tracing::info!(tunnel = ?config.tunnel.listen, advertise = ?config.tunnel.advertise, "tunnel listening");
             tasks.spawn(tunnel::serve(
                 net::into_tokio(listener)?,
                 config.tunnel.clone(),
-                migrations.clone(),
+                ctx.clone(),
                 tasks.clone(),
                 shutdown.clone(),
             ));
@@ -177,23 +190,16 @@ impl BoundController {
             tracing::info!(metrics = ?config.listen_metrics, "serving /metrics");
             tasks.spawn(metrics::serve(
                 net::into_tokio(listener)?,
-                migrations.clone(),
+                runner.clone(),
                 tasks.clone(),
                 shutdown.clone(),
             ));
         }
-        tasks.spawn(operations::watch_health(migrations.clone(), shutdown.clone()));
+        tasks.spawn(status::watch_health(ctx.clone(), shutdown.clone()));
         // A migration interrupted by a restart carries on where its journal
         // says it was.
-        if migrations
-            .current()
-            .map_err(|e| e.to_string())?
-            .is_some_and(|m| m.phase.is_running())
-        {
-            tracing::info!("resuming the migration in the journal");
-            tasks.spawn(migrations.clone().run(shutdown.clone()));
-        }
-        let api_service = api::Api::new(migrations, tasks.clone(), shutdown.clone());
+        runner.resume().map_err(|e| e.to_string())?;
+        let api_service = api::Api::new(runner);
         let served = match api {
             ApiListener::Unix(listener) => {
                 listener.set_nonblocking(true).map_err(|e| e.to_string())?;

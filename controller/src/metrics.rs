@@ -10,26 +10,21 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use walbridge_daemon::metrics::{encode, float_gauge, gauge, label, set_float_gauge, set_gauge};
 
-use crate::migration::Migrations;
-use crate::operations;
+use crate::runner::Runner;
 
 /// Serves `GET /metrics` until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    migrations: Arc<Migrations>,
-    tasks: TaskTracker,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, runner: Arc<Runner>, tasks: TaskTracker, shutdown: CancellationToken) {
     let render = move || {
-        let migrations = migrations.clone();
-        async move { render(&migrations).await }
+        let runner = runner.clone();
+        async move { render(&runner).await }
     };
     walbridge_daemon::metrics::serve(listener, render, tasks, shutdown).await;
 }
 
-/// The metrics text of this moment.
-pub async fn render(migrations: &Migrations) -> Result<String, String> {
-    let status = operations::status(migrations)
+/// The metrics text of this moment. A figure that cannot be known now
+/// (lag while the agent is away) is left out, never reported as 0.
+pub async fn render(runner: &Runner) -> Result<String, String> {
+    let status = crate::status::status(runner)
         .await
         .map_err(|s| s.message().to_owned())?;
     let mut registry = Registry::default();
@@ -61,23 +56,35 @@ pub async fn render(migrations: &Migrations) -> Result<String, String> {
         }
     }
 
+    if let Some(lag) = status.lag_bytes {
+        set_gauge(
+            &mut registry,
+            "walbridge_replication_lag_bytes",
+            "Source WAL position minus the slot's confirmed one",
+            lag as i64,
+        );
+    }
+    if let Some(lag) = status.lag_seconds {
+        set_float_gauge(
+            &mut registry,
+            "walbridge_replication_lag_seconds",
+            "How far the subscriber is behind, in seconds",
+            lag,
+        );
+    }
+    if let Some(retained) = status.retained_wal_bytes {
+        set_gauge(
+            &mut registry,
+            "walbridge_retained_wal_bytes",
+            "WAL the slot holds on the source",
+            retained as i64,
+        );
+    }
     set_gauge(
         &mut registry,
-        "walbridge_replication_lag_bytes",
-        "Source WAL position minus the slot's confirmed one",
-        status.lag_bytes as i64,
-    );
-    set_float_gauge(
-        &mut registry,
-        "walbridge_replication_lag_seconds",
-        "The walsender's replay lag",
-        status.lag_seconds,
-    );
-    set_gauge(
-        &mut registry,
-        "walbridge_retained_wal_bytes",
-        "WAL the slot holds on the source",
-        status.retained_wal_bytes as i64,
+        "walbridge_retries",
+        "Units of work being retried after transient faults (status lists them)",
+        status.retries.len() as i64,
     );
     set_gauge(
         &mut registry,
@@ -109,7 +116,7 @@ pub async fn render(migrations: &Migrations) -> Result<String, String> {
         "walbridge_agent_connected",
         "1 for each agent connected now",
     );
-    let agents = migrations.registry().list();
+    let agents = runner.ctx().registry.list();
     for agent in &agents {
         connected.get_or_create(&label("agent", &agent.name)).set(1);
     }

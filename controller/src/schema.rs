@@ -10,8 +10,10 @@ use walbridge_migration::script::{ScriptSplitter, Statement};
 use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
 
-use crate::migration::{APPLICATION_NAME, StepError};
+use walbridge_migration::fault::Fault;
+
 use crate::registry::AgentClient;
+use crate::target::{self, Purpose};
 use crate::transfer::decompress;
 use walbridge_daemon::pg::describe;
 
@@ -21,7 +23,7 @@ pub async fn dump(
     snapshot: &str,
     section: &str,
     exclude: &[QualifiedName],
-) -> Result<Vec<Statement>, StepError> {
+) -> Result<Vec<Statement>, Fault> {
     let mut stream = agent
         .clone()
         .dump_schema(wire::DumpSchemaRequest {
@@ -30,30 +32,30 @@ pub async fn dump(
             exclude: exclude.iter().cloned().map(name_to_wire).collect(),
         })
         .await
-        .map_err(|s| StepError::Failed(format!("cannot dump the {section} schema: {}", s.message())))?
+        .map_err(|s| crate::fault::agent(format!("cannot dump the {section} schema"), &s))?
         .into_inner();
     let mut splitter = ScriptSplitter::new();
     let mut statements = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|s| StepError::Failed(format!("dumping the {section} schema: {}", s.message())))?;
-        let raw = decompress(&chunk).map_err(StepError::Failed)?;
+        let chunk = chunk.map_err(|s| crate::fault::agent(format!("dumping the {section} schema"), &s))?;
+        let raw = decompress(&chunk)?;
         statements.extend(
             splitter
                 .push(&raw)
-                .map_err(|e| StepError::Failed(format!("the {section} schema dump: {e}")))?,
+                .map_err(|e| crate::fault::internal(format!("the {section} schema dump: {e}")))?,
         );
     }
     statements.extend(
         splitter
             .finish()
-            .map_err(|e| StepError::Failed(format!("the {section} schema dump: {e}")))?,
+            .map_err(|e| crate::fault::internal(format!("the {section} schema dump: {e}")))?,
     );
     Ok(statements)
 }
 
 /// Applies statements in order on one session; the first rejected one
 /// stops it.
-pub async fn apply(target: &Database, statements: &[Statement]) -> Result<(), StepError> {
+pub async fn apply(target: &Database, statements: &[Statement]) -> Result<(), Fault> {
     let client = connect(target).await?;
     for statement in statements {
         client
@@ -66,7 +68,7 @@ pub async fn apply(target: &Database, statements: &[Statement]) -> Result<(), St
 
 /// Executes one statement in a session of its own (post-data statements
 /// are recorded done one by one).
-pub async fn execute(target: &Database, statement: &str, index: usize) -> Result<(), StepError> {
+pub async fn execute(target: &Database, statement: &str, index: usize) -> Result<(), Fault> {
     let client = connect(target).await?;
     client
         .batch_execute(statement)
@@ -76,48 +78,51 @@ pub async fn execute(target: &Database, statement: &str, index: usize) -> Result
 
 /// Materialized views arrive empty: fill them. One may read another, so
 /// repeat while some succeed.
-pub async fn refresh_materialized_views(target: &Database, views: &[QualifiedName]) -> Result<(), StepError> {
+pub async fn refresh_materialized_views(target: &Database, views: &[QualifiedName]) -> Result<(), Fault> {
     let client = connect(target).await?;
     let mut pending: Vec<&QualifiedName> = views.iter().collect();
     while !pending.is_empty() {
         let mut failed = Vec::new();
-        let mut last_error = String::new();
+        let mut last_error = None;
         for view in &pending {
             if let Err(e) = client
                 .batch_execute(&format!("REFRESH MATERIALIZED VIEW {}", view.quoted()))
                 .await
             {
-                last_error = format!("REFRESH MATERIALIZED VIEW {view}: {}", describe(&e));
+                last_error = Some(crate::fault::target(
+                    format!("the target rejected REFRESH MATERIALIZED VIEW {view}"),
+                    &e,
+                ));
                 failed.push(*view);
             }
         }
         if failed.len() == pending.len() {
-            return Err(StepError::Failed(format!("the target rejected {last_error}")));
+            return Err(last_error.expect("a refresh failed"));
         }
         pending = failed;
     }
     Ok(())
 }
 
-async fn connect(target: &Database) -> Result<tokio_postgres::Client, StepError> {
-    let client = target
-        .connect(APPLICATION_NAME)
-        .await
-        .map_err(|e| StepError::Failed(format!("cannot reach the target (target.url): {}", describe(&e))))?;
+async fn connect(target: &Database) -> Result<tokio_postgres::Client, Fault> {
+    let client = target::connect(target, Purpose::Schema).await?;
     // pg_dump's scripts assume these.
     client
         .batch_execute(
             "SET client_encoding = 'UTF8'; SET standard_conforming_strings = on; SET check_function_bodies = false",
         )
         .await
-        .map_err(|e| StepError::Failed(format!("cannot prepare the target session: {}", describe(&e))))?;
+        .map_err(|e| crate::fault::target("cannot prepare the target session", &e))?;
     Ok(client)
 }
 
-fn rejected(statement: &str, line: usize, error: &tokio_postgres::Error) -> StepError {
+pub fn rejected(statement: &str, line: usize, error: &tokio_postgres::Error) -> Fault {
     let shown: String = statement.chars().take(2000).collect();
-    StepError::Failed(format!(
-        "the target rejected a schema statement (line {line} of the dump): {}\n{shown}",
-        describe(error)
-    ))
+    Fault::new(
+        crate::fault::target_kind(error),
+        format!(
+            "the target rejected a schema statement (line {line} of the dump): {}\n{shown}",
+            describe(error)
+        ),
+    )
 }

@@ -8,8 +8,9 @@ use walbridge_daemon::pg::Database;
 use walbridge_migration::ident::{quote_ident, quote_literal};
 use walbridge_proto::v1 as wire;
 
-use crate::migration::{APPLICATION_NAME, MigrationRecord};
-use walbridge_daemon::pg::describe;
+use walbridge_migration::fault::Fault;
+
+use crate::target::Purpose;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -36,13 +37,12 @@ impl State {
     }
 }
 
-/// One session on the target; pass it to the functions below so a caller
-/// that polls (cutover, status) does not connect per question.
-pub async fn session(target: &Database) -> Result<Client, String> {
-    target
-        .connect(APPLICATION_NAME)
-        .await
-        .map_err(|e| format!("cannot connect to the target: {}", describe(&e)))
+/// The names a subscription is made of.
+#[derive(Debug, Clone, Copy)]
+pub struct Names<'a> {
+    pub subscription: &'a str,
+    pub publication: &'a str,
+    pub slot: &'a str,
 }
 
 /// How the target's libpq reaches the source.
@@ -156,23 +156,22 @@ fn conninfo_value(value: &str) -> String {
 
 /// Creates the subscription unless it exists; returns its oid.
 pub async fn create(
-    target: &Database,
-    record: &MigrationRecord,
+    client: &Client,
+    names: Names<'_>,
     source: &wire::SubscriptionConnectionResponse,
     route: &Route,
     tls: &SubscriptionTls,
-) -> Result<u32, String> {
-    let client = session(target).await?;
-    if let Some(oid) = oid(&client, &record.subscription).await? {
+) -> Result<u32, Fault> {
+    if let Some(oid) = oid(client, names.subscription).await? {
         return Ok(oid);
     }
-    let target_version = server_version(&client).await?;
+    let target_version = server_version(client).await?;
     let source_version = source.server_version_num as i32;
-    let connection = conninfo(source, route, tls, target_version)?;
+    let connection = conninfo(source, route, tls, target_version).map_err(crate::fault::internal)?;
     let mut options = vec![
         "copy_data = false".to_owned(),
         "create_slot = false".to_owned(),
-        format!("slot_name = {}", quote_literal(&record.slot)),
+        format!("slot_name = {}", quote_literal(names.slot)),
     ];
     // Not `disable_on_error`: PostgreSQL counts a dropped connection as an
     // error too, and the tunnel drops whenever the controller or the agent
@@ -187,9 +186,9 @@ pub async fn create(
     }
     let statement = format!(
         "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH ({})",
-        quote_ident(&record.subscription),
+        quote_ident(names.subscription),
         quote_literal(&connection),
-        quote_ident(&record.publication),
+        quote_ident(names.publication),
         options.join(", ")
     );
     // The statement carries the password: only the server's message is
@@ -197,10 +196,10 @@ pub async fn create(
     client
         .batch_execute(&statement)
         .await
-        .map_err(|e| format!("CREATE SUBSCRIPTION failed on the target: {}", describe(&e)))?;
-    oid(&client, &record.subscription)
+        .map_err(|e| crate::fault::target("CREATE SUBSCRIPTION failed on the target", &e))?;
+    oid(client, names.subscription)
         .await?
-        .ok_or_else(|| "the subscription vanished right after its creation".to_owned())
+        .ok_or_else(|| crate::fault::internal("the subscription vanished right after its creation"))
 }
 
 /// Proves that the target can log in to the source the way the
@@ -227,15 +226,15 @@ pub async fn probe(client: &Client, name: &str, connection: &str) -> Result<(), 
     created
 }
 
-pub async fn server_version(client: &Client) -> Result<i32, String> {
+pub async fn server_version(client: &Client) -> Result<i32, Fault> {
     Ok(client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
-        .map_err(|e| describe(&e))?
+        .map_err(|e| crate::fault::target("reading the subscription", &e))?
         .get(0))
 }
 
-async fn oid(client: &Client, name: &str) -> Result<Option<u32>, String> {
+async fn oid(client: &Client, name: &str) -> Result<Option<u32>, Fault> {
     Ok(client
         .query_opt(
             "SELECT oid FROM pg_subscription WHERE subname = $1 \
@@ -243,11 +242,11 @@ async fn oid(client: &Client, name: &str) -> Result<Option<u32>, String> {
             &[&name],
         )
         .await
-        .map_err(|e| describe(&e))?
+        .map_err(|e| crate::fault::target("reading the subscription", &e))?
         .map(|row| row.get(0)))
 }
 
-pub async fn state(client: &Client, name: &str) -> Result<State, String> {
+pub async fn state(client: &Client, name: &str) -> Result<State, Fault> {
     let row = client
         .query_opt(
             "SELECT s.subenabled, s.subslotname IS NULL, EXISTS (SELECT 1 FROM pg_stat_subscription st \
@@ -257,7 +256,7 @@ pub async fn state(client: &Client, name: &str) -> Result<State, String> {
             &[&name],
         )
         .await
-        .map_err(|e| describe(&e))?;
+        .map_err(|e| crate::fault::target("reading the subscription", &e))?;
     Ok(match row {
         None => State::Missing,
         Some(row) => match (row.get::<_, bool>(0), row.get::<_, bool>(1), row.get::<_, bool>(2)) {
@@ -272,7 +271,7 @@ pub async fn state(client: &Client, name: &str) -> Result<State, String> {
 /// Its state and how many errors its workers have hit (PostgreSQL 15's
 /// `pg_stat_subscription_stats`; 0 on older targets, which only log
 /// them). The messages themselves are in the target's server log.
-pub async fn health(client: &Client, name: &str) -> Result<(State, u64), String> {
+pub async fn health(client: &Client, name: &str) -> Result<(State, u64), Fault> {
     let state = state(client, name).await?;
     if state == State::Missing || server_version(client).await? < 150000 {
         return Ok((state, 0));
@@ -284,23 +283,33 @@ pub async fn health(client: &Client, name: &str) -> Result<(State, u64), String>
             &[&name],
         )
         .await
-        .map_err(|e| describe(&e))?
+        .map_err(|e| crate::fault::target("reading the subscription", &e))?
         .map_or(0, |r| r.get::<_, i64>(0) as u64);
     Ok((state, errors))
 }
 
-/// Stops the subscription and forgets its slot: the target stands alone.
-pub async fn detach(client: &Client, name: &str) -> Result<(), String> {
-    for statement in [
-        format!("ALTER SUBSCRIPTION {} DISABLE", quote_ident(name)),
-        format!("ALTER SUBSCRIPTION {} SET (slot_name = NONE)", quote_ident(name)),
-    ] {
-        client
-            .batch_execute(&statement)
-            .await
-            .map_err(|e| format!("{statement} failed on the target: {}", describe(&e)))?;
-    }
-    Ok(())
+/// Stops the subscription's apply worker: the first half of detaching.
+pub async fn disable(client: &Client, name: &str) -> Result<(), Fault> {
+    alter(client, name, "DISABLE").await
+}
+
+/// Starts it again (a cutover rolled back before the point of no return).
+pub async fn enable(client: &Client, name: &str) -> Result<(), Fault> {
+    alter(client, name, "ENABLE").await
+}
+
+/// Forgets its slot, so that the target stands alone and dropping the
+/// subscription never reaches for the source: the second half of detaching.
+pub async fn release_slot(client: &Client, name: &str) -> Result<(), Fault> {
+    alter(client, name, "SET (slot_name = NONE)").await
+}
+
+async fn alter(client: &Client, name: &str, change: &str) -> Result<(), Fault> {
+    let statement = format!("ALTER SUBSCRIPTION {} {change}", quote_ident(name));
+    client
+        .batch_execute(&statement)
+        .await
+        .map_err(|e| crate::fault::target(format!("{statement} failed on the target"), &e))
 }
 
 /// What [`remove`] did, and what it could not do (with the statement
@@ -314,18 +323,21 @@ pub struct Removed {
 /// Drops the subscription (detaching it first) and its replication
 /// origin if PostgreSQL left it behind. Says what it removed; an origin
 /// only a superuser may drop is reported with the statement, not an error.
-pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Removed, String> {
-    let client = session(target).await?;
+pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Removed, Fault> {
+    let client = crate::target::connect(target, Purpose::Control).await?;
     let mut outcome = Removed::default();
     let current = state(&client, name).await?;
     if current != State::Missing {
         if current != State::Detached {
-            detach(&client, name).await?;
+            if current != State::Disabled {
+                disable(&client, name).await?;
+            }
+            release_slot(&client, name).await?;
         }
         client
             .batch_execute(&format!("DROP SUBSCRIPTION {}", quote_ident(name)))
             .await
-            .map_err(|e| format!("DROP SUBSCRIPTION {name} failed on the target: {}", describe(&e)))?;
+            .map_err(|e| crate::fault::target(format!("DROP SUBSCRIPTION {name} failed on the target"), &e))?;
         outcome.removed.push(format!("subscription {name} on the target"));
     }
     if oid != 0 {
@@ -333,7 +345,7 @@ pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Removed, 
         let leaked = client
             .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&origin])
             .await
-            .map_err(|e| describe(&e))?
+            .map_err(|e| crate::fault::target("reading the subscription", &e))?
             .is_some();
         if leaked {
             match client
@@ -349,7 +361,12 @@ pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Removed, 
                          WAL): SELECT pg_replication_origin_drop('{origin}');"
                     ))
                 }
-                Err(e) => return Err(format!("cannot drop replication origin {origin}: {}", describe(&e))),
+                Err(e) => {
+                    return Err(crate::fault::target(
+                        format!("cannot drop replication origin {origin}"),
+                        &e,
+                    ));
+                }
             }
         }
     }

@@ -6,31 +6,22 @@
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, pin_mut};
-use walbridge_daemon::pg::{Database, describe};
-use walbridge_migration::copy::{self, SESSION_SETTINGS};
+use walbridge_daemon::pg::Database;
+use walbridge_migration::copy;
+use walbridge_migration::fault::Fault;
 use walbridge_migration::ident::QualifiedName;
 use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
 
-use crate::migration::APPLICATION_NAME;
+use crate::bookkeeping;
 use crate::registry::AgentClient;
+use crate::target::{self, Purpose};
 
-pub fn decompress(chunk: &wire::DataChunk) -> Result<Vec<u8>, String> {
+pub fn decompress(chunk: &wire::DataChunk) -> Result<Vec<u8>, Fault> {
     // raw_len bounds the allocation; a chunk is at most a few hundred kB.
-    let capacity = usize::try_from(chunk.raw_len).map_err(|_| "chunk too large".to_owned())?;
-    zstd::bulk::decompress(&chunk.data, capacity).map_err(|e| format!("a corrupt chunk arrived: {e}"))
-}
-
-async fn session(target: &Database) -> Result<tokio_postgres::Client, String> {
-    let client = target
-        .connect(APPLICATION_NAME)
-        .await
-        .map_err(|e| format!("cannot reach the target (target.url): {}", describe(&e)))?;
-    client
-        .batch_execute(SESSION_SETTINGS)
-        .await
-        .map_err(|e| format!("cannot prepare the target session: {}", describe(&e)))?;
-    Ok(client)
+    let capacity = usize::try_from(chunk.raw_len).map_err(|_| crate::fault::internal("a chunk too large arrived"))?;
+    zstd::bulk::decompress(&chunk.data, capacity)
+        .map_err(|e| crate::fault::internal(format!("a corrupt chunk arrived: {e}")))
 }
 
 /// What one copy moved.
@@ -43,20 +34,23 @@ pub struct Copied {
     pub wire_bytes: u64,
 }
 
-/// Copies one table, or one page range of it.
-/// `progress` hears the increments as they arrive. A whole table is
-/// emptied inside the copy's own transaction: a copy that committed just
-/// before a crash, but was not yet journaled, is replaced, not doubled.
+/// Copies one table, or one page range of it, in one target transaction
+/// that also records the unit done (`bookkeeping`): a copy that committed
+/// just before a crash is known to the target and never done twice. A
+/// whole table is emptied inside that transaction too.
+/// `progress` hears the increments as they arrive.
+#[allow(clippy::too_many_arguments)]
 pub async fn copy_table(
     agent: &AgentClient,
     target: &Database,
+    attempt: &str,
     snapshot: &str,
     table: &QualifiedName,
     columns: &[String],
     range: Option<copy::PageRange>,
     progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<Copied, String> {
-    let client = session(target).await?;
+) -> Result<Copied, Fault> {
+    let client = target::connect(target, Purpose::Copy).await?;
     let begin = match range {
         None => format!("BEGIN; TRUNCATE ONLY {}", table.quoted()),
         Some(_) => "BEGIN".to_owned(),
@@ -64,7 +58,7 @@ pub async fn copy_table(
     client
         .batch_execute(&begin)
         .await
-        .map_err(|e| format!("cannot empty {table} on the target: {}", describe(&e)))?;
+        .map_err(|e| crate::fault::target(format!("cannot empty {table} on the target"), &e))?;
     let mut stream = agent
         .clone()
         .copy_table(wire::CopyTableRequest {
@@ -75,32 +69,41 @@ pub async fn copy_table(
             end_page: range.map_or(0, |r| r.end_page),
         })
         .await
-        .map_err(|s| format!("copy of {table} failed on the source: {}", s.message()))?
+        .map_err(|s| crate::fault::agent(format!("copy of {table} failed on the source"), &s))?
         .into_inner();
     let sink = client
         .copy_in::<_, Bytes>(&copy::copy_in(table, columns))
         .await
-        .map_err(|e| format!("COPY into {table} failed on the target: {}", describe(&e)))?;
+        .map_err(|e| crate::fault::target(format!("COPY into {table} failed on the target"), &e))?;
     pin_mut!(sink);
     let (mut bytes, mut wire_bytes) = (0u64, 0u64);
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|s| format!("copy of {table} failed: {}", s.message()))?;
+        let chunk = chunk.map_err(|s| crate::fault::agent(format!("copy of {table} failed"), &s))?;
         let raw = decompress(&chunk)?;
         bytes += raw.len() as u64;
         wire_bytes += chunk.data.len() as u64;
         progress(0, raw.len() as u64);
         sink.send(Bytes::from(raw))
             .await
-            .map_err(|e| format!("COPY into {table} failed on the target: {}", describe(&e)))?;
+            .map_err(|e| crate::fault::target(format!("COPY into {table} failed on the target"), &e))?;
     }
     let rows = sink
         .finish()
         .await
-        .map_err(|e| format!("COPY into {table} failed on the target: {}", describe(&e)))?;
+        .map_err(|e| crate::fault::target(format!("COPY into {table} failed on the target"), &e))?;
+    let unit = bookkeeping::CopiedUnit {
+        first_page: range.map_or(0, |r| r.first_page),
+        rows,
+        bytes,
+        wire_bytes,
+    };
+    bookkeeping::record_unit(&client, attempt, table, unit)
+        .await
+        .map_err(|e| crate::fault::target(format!("cannot record the copy of {table} on the target"), &e))?;
     client
         .batch_execute("COMMIT")
         .await
-        .map_err(|e| format!("commit of {table} failed on the target: {}", describe(&e)))?;
+        .map_err(|e| crate::fault::target(format!("commit of {table} failed on the target"), &e))?;
     progress(rows, 0);
     Ok(Copied {
         rows,
@@ -130,7 +133,7 @@ pub async fn compare(
     snapshot: &str,
     table: &QualifiedName,
     columns: &[String],
-) -> Result<Comparison, String> {
+) -> Result<Comparison, Fault> {
     let mut agent = agent.clone();
     let source = agent.checksum(wire::ChecksumRequest {
         snapshot: snapshot.to_owned(),
@@ -138,16 +141,16 @@ pub async fn compare(
         columns: columns.to_vec(),
     });
     let target = async {
-        let client = session(target).await?;
+        let client = target::connect(target, Purpose::Copy).await?;
         let row = client
             .query_one(&copy::checksum(table, columns), &[])
             .await
-            .map_err(|e| format!("checksum of {table} failed on the target: {}", describe(&e)))?;
-        Ok::<_, String>((row.get::<_, i64>(0) as u64, row.get::<_, String>(1)))
+            .map_err(|e| crate::fault::target(format!("checksum of {table} failed on the target"), &e))?;
+        Ok::<_, Fault>((row.get::<_, i64>(0) as u64, row.get::<_, String>(1)))
     };
     let (source, target) = tokio::join!(source, target);
     let source = source
-        .map_err(|s| format!("checksum of {table} failed on the source: {}", s.message()))?
+        .map_err(|s| crate::fault::agent(format!("checksum of {table} failed on the source"), &s))?
         .into_inner();
     Ok(Comparison {
         source: (source.rows, source.checksum),
@@ -157,11 +160,11 @@ pub async fn compare(
 
 /// Empties tables on the target (all in one statement: they may refer to
 /// one another).
-pub async fn truncate(target: &Database, tables: &[QualifiedName]) -> Result<(), String> {
-    let client = session(target).await?;
+pub async fn truncate(target: &Database, tables: &[QualifiedName]) -> Result<(), Fault> {
+    let client = target::connect(target, Purpose::Copy).await?;
     let list = tables.iter().map(QualifiedName::quoted).collect::<Vec<_>>().join(", ");
     client
         .batch_execute(&format!("TRUNCATE ONLY {list}"))
         .await
-        .map_err(|e| format!("cannot empty the copied tables on the target: {}", describe(&e)))
+        .map_err(|e| crate::fault::target("cannot empty the copied tables on the target", &e))
 }

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use walbridge_proto::v1 as wire;
 
 use crate::config::TunnelConfig;
-use crate::migration::Migrations;
+use crate::migration::Context;
 
 /// Bytes read from the client per message.
 const READ_CHUNK: usize = 64 * 1024;
@@ -26,7 +26,7 @@ const READ_CHUNK: usize = 64 * 1024;
 pub async fn serve(
     listener: TcpListener,
     config: TunnelConfig,
-    migrations: Arc<Migrations>,
+    ctx: Arc<Context>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -50,10 +50,10 @@ pub async fn serve(
             tracing::warn!(%peer, max = config.max_connections, "tunnel connection refused: tunnel.max_connections are open");
             continue;
         };
-        let migrations = migrations.clone();
+        let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            if let Err(e) = carry(socket, peer, &migrations, shutdown).await {
+            if let Err(e) = carry(socket, peer, &ctx, shutdown).await {
                 tracing::warn!(%peer, error = %e, "tunnel connection closed");
             }
             drop(permit);
@@ -62,19 +62,15 @@ pub async fn serve(
 }
 
 /// Joins one accepted connection to a stream through the agent.
-async fn carry(
-    socket: TcpStream,
-    peer: SocketAddr,
-    migrations: &Migrations,
-    shutdown: CancellationToken,
-) -> Result<(), String> {
-    let agent_name = migrations
+async fn carry(socket: TcpStream, peer: SocketAddr, ctx: &Context, shutdown: CancellationToken) -> Result<(), String> {
+    let agent_name = ctx
+        .state
         .current()
         .map_err(|e| e.to_string())?
         .map(|m| m.agent)
         .ok_or("no migration: the tunnel leads nowhere")?;
-    let agent = migrations
-        .registry()
+    let agent = ctx
+        .registry
         .get(&agent_name)
         .ok_or_else(|| format!("agent {agent_name} is not connected"))?;
     socket.set_nodelay(true).map_err(|e| e.to_string())?;

@@ -3,6 +3,7 @@
 //! * [`ident`]: schema-qualified names, quoted in one place only.
 //! * [`lsn`]: WAL positions.
 //! * [`copy`]: the SQL of the copy and of its checksum, for both sides.
+//! * [`fault`]: what went wrong, classified, and the one policy for it.
 //! * [`finding`]: what preflight reports.
 //! * [`script`]: pg_dump's SQL script split into statements.
 //! * [`selection`]: which tables `--tables` / `--exclude` keep.
@@ -10,6 +11,7 @@
 //! **Architecture invariant**: no I/O here; pure types and functions.
 
 pub mod copy;
+pub mod fault;
 pub mod finding;
 pub mod ident;
 pub mod lsn;

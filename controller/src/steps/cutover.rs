@@ -1,28 +1,36 @@
 //! The cutover, as DESIGN.md step 11 orders it: wait for lag; fence the
 //! source's writes; wait until the target has applied everything up to
 //! the fence; copy every sequence; seal the fence (it now survives the
-//! agent); detach the subscription. Any failure before the detach lifts
-//! the fence and streaming goes on as before.
+//! agent); detach the subscription in two recorded statements.
+//!
+//! It runs as a task the runner owns, not inside the API call that asked
+//! for it: a CLI that goes away changes nothing. Its one **point of no
+//! return** is the second detach statement (`slot_name = NONE`): before
+//! it, any failure lifts the fence and re-enables the subscription, and
+//! the source carries on as before; after it, the target stands alone and
+//! what remains is only recorded. A controller that dies in between is
+//! resolved at startup by [`resolve_interrupted`], from what the target
+//! says of the subscription, not from what the journal hoped.
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio_postgres::Client;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Status;
+use tokio_util::sync::CancellationToken;
+use walbridge_migration::fault::Fault;
 use walbridge_migration::lsn::Lsn;
 use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
 use wire::fence_command::Command;
 use wire::fence_event::Event;
 
-use tokio_postgres::Client;
-
-use crate::migration::{CutoverReport, MigrationRecord, Migrations, Phase};
-use crate::operations::{self, save};
+use super::{StepError, save, teardown};
+use crate::migration::{Context, CutoverReport, Detach, MigrationRecord, Phase};
 use crate::registry::AgentClient;
 use crate::subscription::{self, State};
-use walbridge_daemon::pg::describe;
+use crate::target::{self, Purpose};
 
 /// How often lag and catch-up are polled.
 const POLL: Duration = Duration::from_millis(25);
@@ -34,12 +42,12 @@ pub struct Options {
     pub dry_run: bool,
 }
 
-/// The steps taken so far, each with its duration.
+/// The steps taken so far, each with its duration, shown by `status`
+/// while the cutover runs.
 struct Steps<'a> {
     report: CutoverReport,
     last: Instant,
-    /// Where `status` sees the steps while the cutover runs.
-    migrations: &'a Migrations,
+    ctx: &'a Context,
 }
 
 impl Steps<'_> {
@@ -48,7 +56,7 @@ impl Steps<'_> {
         let detail = detail.into();
         tracing::info!(step = name, seconds, %detail, "cutover step done");
         self.report.steps.push((name.to_owned(), seconds, detail));
-        self.migrations.set_live_cutover(Some(self.report.clone()));
+        self.ctx.state.set_live_cutover(Some(self.report.clone()));
         self.last = Instant::now();
     }
 }
@@ -71,38 +79,43 @@ pub fn report_to_wire(report: &CutoverReport) -> wire::CutoverResponse {
     }
 }
 
-pub async fn run(migrations: &Migrations, options: Options) -> Result<wire::CutoverResponse, Status> {
-    let mut record = operations::current(migrations)?;
-    if record.phase != Phase::Streaming {
-        return Err(Status::failed_precondition(format!(
-            "migration {} is in phase {}: cutover needs it streaming",
-            record.id,
-            record.phase.name()
-        )));
-    }
-    let agent = operations::agent_client(migrations, &record.agent)?;
+/// Runs the cutover of a streaming migration to its end and returns its
+/// report (a failed cutover is a report with its error, the migration
+/// streaming again).
+/// `stop` (the controller shutting down) ends the waits early, which rolls
+/// the cutover back like any failure before the point of no return.
+pub async fn run(
+    ctx: &Context,
+    agent: &AgentClient,
+    options: Options,
+    stop: &CancellationToken,
+) -> Result<CutoverReport, StepError> {
+    let mut record = ctx
+        .state
+        .current()?
+        .ok_or_else(|| crate::fault::internal("there is no migration"))?;
     let mut steps = Steps {
         report: CutoverReport::default(),
         last: Instant::now(),
-        migrations,
+        ctx,
     };
     let deadline = Instant::now() + options.timeout;
-    let target = migrations
-        .target()
-        .ok_or_else(|| Status::failed_precondition("target.url is not set on the controller"))?;
     // One session for the whole cutover: it polls, and it must not pay a
     // connection per question while writes wait.
-    let target = subscription::session(target).await.map_err(Status::unavailable)?;
+    let target = target::connect(ctx.target()?, Purpose::Control).await?;
 
-    let lag = wait_for_lag(&target, &agent, &record, options, deadline)
-        .await
-        .map_err(Status::deadline_exceeded)?;
-    steps.done(
-        "lag",
-        format!("{lag:.3} s behind (bound {:.3} s)", options.max_lag.as_secs_f64()),
-    );
+    match wait_for_lag(&target, agent, &record, options, Until { deadline, stop }).await {
+        Ok(lag) => steps.done(
+            "lag",
+            format!("{lag:.3} s behind (bound {:.3} s)", options.max_lag.as_secs_f64()),
+        ),
+        Err(error) => {
+            steps.report.error = error;
+            return Ok(steps.report);
+        }
+    }
     if options.dry_run {
-        let sequences = sequences(&agent).await.map_err(Status::unavailable)?;
+        let sequences = sequences(agent).await?;
         steps.done(
             "dry run",
             format!(
@@ -111,12 +124,13 @@ pub async fn run(migrations: &Migrations, options: Options) -> Result<wire::Cuto
                 sequences.len()
             ),
         );
-        return Ok(report_to_wire(&steps.report));
+        return Ok(steps.report);
     }
 
     record.phase = Phase::Cutover;
-    save(migrations, &record).await?;
-    let outcome = fence_and_switch(migrations, &target, &agent, &mut record, &mut steps, deadline).await;
+    record.detach = Detach::default();
+    save(ctx, &record).await?;
+    let outcome = fence_and_switch(ctx, &target, agent, &mut record, &mut steps, Until { deadline, stop }).await;
     match outcome {
         Ok(()) => {
             steps.report.done = true;
@@ -136,27 +150,49 @@ pub async fn run(migrations: &Migrations, options: Options) -> Result<wire::Cuto
         }
     }
     record.cutover = Some(steps.report.clone());
-    migrations.set_live_cutover(None);
-    save(migrations, &record).await?;
-    Ok(report_to_wire(&steps.report))
+    ctx.state.set_live_cutover(None);
+    save(ctx, &record).await?;
+    Ok(steps.report)
 }
 
-pub(crate) async fn slot_status(agent: &AgentClient, slot: &str) -> Result<wire::SlotStatusResponse, String> {
+pub async fn slot_status(agent: &AgentClient, slot: &str) -> Result<wire::SlotStatusResponse, Fault> {
     agent
         .clone()
         .slot_status(wire::SlotStatusRequest { slot: slot.to_owned() })
         .await
         .map(|r| r.into_inner())
-        .map_err(|s| format!("cannot read the slot on the source: {}", s.message()))
+        .map_err(|s| crate::fault::agent("cannot read the slot on the source", &s))
 }
 
-async fn sequences(agent: &AgentClient) -> Result<Vec<wire::SequenceState>, String> {
+async fn sequences(agent: &AgentClient) -> Result<Vec<wire::SequenceState>, Fault> {
     agent
         .clone()
         .sequences(wire::SequencesRequest {})
         .await
         .map(|r| r.into_inner().sequences)
-        .map_err(|s| format!("cannot read the source's sequences: {}", s.message()))
+        .map_err(|s| crate::fault::agent("cannot read the source's sequences", &s))
+}
+
+/// How long the cutover may go on: until its deadline, or until the
+/// controller stops.
+#[derive(Clone, Copy)]
+struct Until<'a> {
+    deadline: Instant,
+    stop: &'a CancellationToken,
+}
+
+impl Until<'_> {
+    fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Waits one poll; an error once the controller stops.
+    async fn poll(&self) -> Result<(), String> {
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => Ok(()),
+            _ = self.stop.cancelled() => Err("the controller is shutting down".to_owned()),
+        }
+    }
 }
 
 /// Waits until the subscription streams and its lag is within the bound.
@@ -165,15 +201,17 @@ async fn wait_for_lag(
     agent: &AgentClient,
     record: &MigrationRecord,
     options: Options,
-    deadline: Instant,
+    until: Until<'_>,
 ) -> Result<f64, String> {
     loop {
-        let slot = slot_status(agent, &record.slot).await?;
-        let state = subscription::state(target, &record.subscription).await?;
+        let slot = slot_status(agent, &record.slot).await.map_err(|f| f.to_string())?;
+        let state = subscription::state(target, &record.subscription)
+            .await
+            .map_err(|f| f.to_string())?;
         if state == State::Streaming && slot.active && slot.lag_seconds <= options.max_lag.as_secs_f64() {
             return Ok(slot.lag_seconds);
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= until.deadline {
             return Err(format!(
                 "the lag did not come under {:?} within {:?} (lag {:.3} s, {} bytes; subscription {}); nothing was fenced",
                 options.max_lag,
@@ -183,31 +221,28 @@ async fn wait_for_lag(
                 state.name()
             ));
         }
-        tokio::time::sleep(POLL).await;
+        until.poll().await?;
     }
 }
 
-fn remaining(deadline: Instant) -> Duration {
-    deadline.saturating_duration_since(Instant::now())
-}
-
-/// Fence, catch up, sequences, seal, detach. On error before the detach
-/// is done, the fence is lifted (or was never sealed) before returning.
+/// Fence, catch up, sequences, seal, detach. On error before the point of
+/// no return, the fence is lifted and the subscription enabled again
+/// before returning.
 async fn fence_and_switch(
-    migrations: &Migrations,
+    ctx: &Context,
     target: &Client,
     agent: &AgentClient,
     record: &mut MigrationRecord,
     steps: &mut Steps<'_>,
-    deadline: Instant,
+    until: Until<'_>,
 ) -> Result<(), String> {
     let (commands, command_stream) = mpsc::channel(2);
     let hold = wire::FenceHold {
         migration: record.id.clone(),
         tables: record.publication_tables.iter().cloned().map(name_to_wire).collect(),
-        lock_timeout_ms: remaining(deadline).as_millis().max(1) as u64,
+        lock_timeout_ms: until.remaining().as_millis().max(1) as u64,
         // The agent lifts a fence the controller forgot (it died, hung).
-        max_hold_ms: (remaining(deadline) + Duration::from_secs(30)).as_millis() as u64,
+        max_hold_ms: (until.remaining() + Duration::from_secs(30)).as_millis() as u64,
     };
     let _ = commands
         .send(wire::FenceCommand {
@@ -232,7 +267,7 @@ async fn fence_and_switch(
     steps.done("fence", format!("writes wait from {fence_lsn}"));
 
     let before_seal = async {
-        catch_up(agent, &record.slot, &fence_lsn, deadline).await?;
+        catch_up(agent, &record.slot, &fence_lsn, until).await?;
         steps.done("catch up", format!("the target applied everything up to {fence_lsn}"));
         let copied = copy_sequences(agent, target).await?;
         steps.done("sequences", copied);
@@ -254,28 +289,56 @@ async fn fence_and_switch(
         return Err(error);
     }
     record.fence_sealed = true;
-    migrations.save_record(record).await.map_err(|e| e.to_string())?;
+    ctx.state.save(record).await.map_err(|e| e.to_string())?;
     steps.done("seal", "writes on the source now fail, and will after any restart");
 
-    if let Err(error) = subscription::detach(target, &record.subscription).await {
-        // Not detached: the source must not stay fenced.
-        let released = agent
-            .clone()
-            .release_fence(wire::ReleaseFenceRequest {
-                migration: record.id.clone(),
-            })
-            .await;
-        if released.is_ok() {
-            record.fence_sealed = false;
-        }
+    if let Err(error) = detach(ctx, target, record).await {
+        // Not past the point of no return: the source must not stay
+        // fenced, and the subscription streams again.
+        roll_back(ctx, target, agent, record).await;
         return Err(format!("detaching the subscription failed: {error}"));
     }
+    // ---- the point of no return is behind us: the target stands alone ----
     steps.report.write_downtime_seconds = fenced_at.elapsed().as_secs_f64();
     steps.done(
         "detach",
         format!("subscription {} disabled, its slot let go", record.subscription),
     );
     Ok(())
+}
+
+/// The two statements of the detach, each recorded once done, so that a
+/// detach cut short is finished or rolled back from where it was.
+async fn detach(ctx: &Context, target: &Client, record: &mut MigrationRecord) -> Result<(), Fault> {
+    if !record.detach.disabled {
+        subscription::disable(target, &record.subscription).await?;
+        record.detach.disabled = true;
+        ctx.state.save(record).await.map_err(crate::fault::journal)?;
+    }
+    subscription::release_slot(target, &record.subscription).await?;
+    record.detach.slot_released = true;
+    ctx.state.save(record).await.map_err(crate::fault::journal)
+}
+
+/// Before the point of no return: lift the sealed fence and let the
+/// subscription apply again. Each part is attempted; what fails is
+/// recorded for the operator (and retried by the startup resolution).
+async fn roll_back(ctx: &Context, target: &Client, agent: &AgentClient, record: &mut MigrationRecord) {
+    if record.detach.disabled {
+        match subscription::enable(target, &record.subscription).await {
+            Ok(()) => record.detach.disabled = false,
+            Err(e) => record
+                .events
+                .push(format!("could not re-enable subscription {}: {e}", record.subscription)),
+        }
+    }
+    match teardown::release_fence(agent, record).await {
+        Ok(_) => record.fence_sealed = false,
+        Err(e) => record.events.push(format!("could not lift the fence: {e}")),
+    }
+    if let Err(e) = ctx.state.save(record).await {
+        tracing::error!(error = %e, "cannot record the cutover's rollback");
+    }
 }
 
 async fn lift(commands: &mpsc::Sender<wire::FenceCommand>, events: &mut tonic::Streaming<wire::FenceEvent>) {
@@ -290,27 +353,27 @@ async fn lift(commands: &mpsc::Sender<wire::FenceCommand>, events: &mut tonic::S
 
 /// Waits until the slot's confirmed position passes the fence: the target
 /// has applied and flushed every write the source committed before it.
-async fn catch_up(agent: &AgentClient, slot: &str, fence_lsn: &str, deadline: Instant) -> Result<(), String> {
+async fn catch_up(agent: &AgentClient, slot: &str, fence_lsn: &str, until: Until<'_>) -> Result<(), String> {
     let fence = Lsn::from_str(fence_lsn).map_err(|e| e.to_string())?;
     loop {
-        let status = slot_status(agent, slot).await?;
+        let status = slot_status(agent, slot).await.map_err(|f| f.to_string())?;
         if Lsn::from_str(&status.confirmed_flush_lsn).is_ok_and(|confirmed| confirmed >= fence) {
             return Ok(());
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= until.deadline {
             return Err(format!(
                 "the target did not catch up to the fence ({fence_lsn}) in time (confirmed {})",
                 status.confirmed_flush_lsn
             ));
         }
-        tokio::time::sleep(POLL).await;
+        until.poll().await?;
     }
 }
 
 /// Sets every target sequence from the source's state: one statement, so
 /// one round trip while writes wait, however many sequences there are.
 async fn copy_sequences(agent: &AgentClient, target: &Client) -> Result<String, String> {
-    let sequences = sequences(agent).await?;
+    let sequences = sequences(agent).await.map_err(|f| f.to_string())?;
     let names: Vec<String> = sequences
         .iter()
         .map(|s| walbridge_proto::convert::name_from_wire(s.name.clone().unwrap_or_default()).quoted())
@@ -327,7 +390,7 @@ async fn copy_sequences(agent: &AgentClient, target: &Client) -> Result<String, 
             &[&names as &(dyn tokio_postgres::types::ToSql + Sync), &values, &called],
         )
         .await
-        .map_err(|e| format!("setting the sequences failed: {}", describe(&e)))?;
+        .map_err(|e| format!("setting the sequences failed: {}", walbridge_daemon::pg::describe(&e)))?;
     let set: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
     let missing: Vec<&String> = names.iter().filter(|n| !set.contains(*n)).collect();
     Ok(if missing.is_empty() {
@@ -336,4 +399,40 @@ async fn copy_sequences(agent: &AgentClient, target: &Client) -> Result<String, 
         let missing: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
         format!("{} sequences set; not on the target: {}", set.len(), missing.join(", "))
     })
+}
+
+/// A cutover the controller did not see to its end (it restarted). The
+/// fence's stream died with it, so an unsealed fence is already gone. What
+/// the target says decides: a subscription without its slot is past the
+/// point of no return (the cutover is done); anything else is rolled back
+/// — a disabled subscription enabled again, a sealed fence lifted — and
+/// streaming goes on.
+pub async fn resolve_interrupted(
+    ctx: &Context,
+    agent: &AgentClient,
+    record: &mut MigrationRecord,
+) -> Result<(), StepError> {
+    let target = target::connect(ctx.target()?, Purpose::Control).await?;
+    match subscription::state(&target, &record.subscription).await? {
+        State::Detached => {
+            record.detach.slot_released = true;
+            record.phase = Phase::CutOver;
+            record.events.push(
+                "a cutover interrupted by a restart had already detached the subscription: it is done".to_owned(),
+            );
+        }
+        state => {
+            if state == State::Disabled {
+                subscription::enable(&target, &record.subscription).await?;
+            }
+            teardown::release_fence(agent, record).await?;
+            record.fence_sealed = false;
+            record.detach = Detach::default();
+            record.phase = Phase::Streaming;
+            record.events.push(
+                "a cutover was interrupted by a controller restart: the fence is lifted, streaming goes on".to_owned(),
+            );
+        }
+    }
+    save(ctx, record).await
 }

@@ -1,0 +1,88 @@
+//! The migration: one state machine, persisted as it is, readable beside
+//! the runbook. Each phase is recorded in the journal before the next one
+//! starts, and each can be run again after any process restarts:
+//!
+//! | phase            | safe to repeat because                                           |
+//! |------------------|------------------------------------------------------------------|
+//! | `Snapshot`       | a leftover slot of this migration is dropped first               |
+//! | `SchemaPreData`  | one target transaction: it applied entirely, or not at all       |
+//! | `Copy`           | each table (each range) is copied in one target transaction      |
+//! | `ReleaseSnapshot`| releasing a snapshot that is gone is a no-op                     |
+//! | `SchemaPostData` | each statement is recorded done with it, on the target           |
+//! | `Subscribe`      | an existing subscription of this name is kept                    |
+//! | `Cutover`        | resolved at startup: rolled back before the point of no return,  |
+//! |                  | finished after it                                                |
+//!
+//! `Streaming`, `Copied` (with `--copy-only`), `CutOver`, `Failed`,
+//! `Aborted` and `CleanedUp` are resting phases: nothing runs in them
+//! until the operator asks (cutover, cleanup, abort).
+//!
+//! What a fault does is decided once, by its kind
+//! (`walbridge_migration::fault`): transient faults are retried where they
+//! happened, a lost snapshot restarts the copy from a new slot, and only
+//! what needs a person ends the migration (`Failed`, which releases the
+//! source).
+//!
+//! * [`record`]: the journal's records (phase, tables, cutover).
+//! * [`state`]: where the migration's state lives: journal and live figures.
+//!
+//! **Architecture invariant**: the steps (`crate::steps`) change the
+//! migration only through [`state::MigrationState`]; only the runner
+//! (`crate::runner`) decides what runs next and what a fault means.
+
+pub mod record;
+pub mod state;
+
+use std::sync::Arc;
+
+use walbridge_daemon::pg::Database;
+use walbridge_migration::fault::Fault;
+
+pub use record::{
+    CutoverReport, Detach, MigrationRecord, Phase, SnapshotRecord, SourceIdentity, TableRecord, TableState, slot_name,
+};
+pub use state::MigrationState;
+
+use crate::registry::Registry;
+use crate::subscription::SubscriptionTls;
+
+/// How the controller runs migrations (from its settings).
+#[derive(Debug, Clone)]
+pub struct MigrationSettings {
+    pub split_bytes: u64,
+    /// HOST:PORT of the tunnel, as the target reaches it.
+    pub tunnel_advertise: Option<(String, u16)>,
+    pub retained_wal_warning: u64,
+    /// The subscription's TLS where the source's settings do not carry over.
+    pub subscription_tls: SubscriptionTls,
+}
+
+/// What every step works with: the agents, the target, the settings and
+/// the migration's state.
+#[derive(Debug)]
+pub struct Context {
+    pub registry: Arc<Registry>,
+    pub target: Option<Database>,
+    pub settings: MigrationSettings,
+    pub state: MigrationState,
+}
+
+impl Context {
+    pub fn target(&self) -> Result<&Database, Fault> {
+        self.target
+            .as_ref()
+            .ok_or_else(|| crate::fault::internal("target.url is not set on the controller"))
+    }
+
+    /// How the target reaches the source: directly, or through the tunnel.
+    pub fn route(&self, direct: bool) -> Result<crate::subscription::Route, String> {
+        if direct {
+            return Ok(crate::subscription::Route::Direct);
+        }
+        self.settings
+            .tunnel_advertise
+            .clone()
+            .map(|(host, port)| crate::subscription::Route::Tunnel { host, port })
+            .ok_or_else(|| "listen.tunnel is not set (or start with --direct)".to_owned())
+    }
+}

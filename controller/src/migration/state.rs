@@ -1,0 +1,180 @@
+//! The migration's state, in one place: what the journal holds (the
+//! record and one record per table, each flushed before the step it
+//! describes is reported done) and what lives only in memory while the
+//! controller runs (copy progress, the retries under way, what waits for
+//! the agent, the running cutover's steps) — all that `status` shows.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use walbridge_daemon::journal::{Journal, JournalError, Table};
+use walbridge_migration::fault::{Fault, FaultKind};
+use walbridge_migration::ident::QualifiedName;
+
+use super::record::{CutoverReport, MigrationRecord, TableRecord};
+
+const MIGRATION_TABLE: &str = "migration";
+const TABLES_TABLE: &str = "migration.tables";
+const CURRENT: &str = "current";
+
+/// A unit of work being retried after transient faults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    /// What is retried: "copy of public.orders", "post-data statement 12".
+    pub unit: String,
+    pub count: u32,
+    pub kind: FaultKind,
+    pub last_error: String,
+    pub since: SystemTime,
+}
+
+/// A step waiting for the migration's agent to connect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Waiting {
+    pub agent: String,
+    pub since: SystemTime,
+    /// The phase whose work waits.
+    pub phase: &'static str,
+}
+
+#[derive(Debug, Default)]
+struct Live {
+    /// Rows and bytes of the tables being copied, as they arrive.
+    progress: BTreeMap<QualifiedName, (u64, u64)>,
+    retries: BTreeMap<String, Retry>,
+    waiting: Option<Waiting>,
+    /// The running cutover's steps so far.
+    cutover: Option<CutoverReport>,
+    /// The agent's link whose source was checked against the pinned one.
+    verified_link: Option<u64>,
+}
+
+pub struct MigrationState {
+    records: Table<MigrationRecord>,
+    tables: Table<TableRecord>,
+    /// A std mutex: held only to read or change a field, never across an await.
+    live: Mutex<Live>,
+}
+
+impl std::fmt::Debug for MigrationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrationState").finish_non_exhaustive()
+    }
+}
+
+impl MigrationState {
+    pub fn open(journal: &Journal) -> Result<MigrationState, JournalError> {
+        Ok(MigrationState {
+            records: journal.table(MIGRATION_TABLE)?,
+            tables: journal.table(TABLES_TABLE)?,
+            live: Mutex::new(Live::default()),
+        })
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current migration (the last one started), if any.
+    pub fn current(&self) -> Result<Option<MigrationRecord>, JournalError> {
+        self.records.get(CURRENT)
+    }
+
+    /// Returns once the record is flushed.
+    pub async fn save(&self, record: &MigrationRecord) -> Result<(), JournalError> {
+        self.records.put(CURRENT, record).await
+    }
+
+    pub fn tables(&self) -> Result<Vec<TableRecord>, JournalError> {
+        Ok(self.tables.all()?.into_iter().map(|(_, t)| t).collect())
+    }
+
+    pub async fn save_table(&self, table: &TableRecord) -> Result<(), JournalError> {
+        self.tables.put(&table.name.to_string(), table).await
+    }
+
+    /// Records a new migration in place of the last one.
+    pub async fn create(&self, record: &MigrationRecord, tables: &[TableRecord]) -> Result<(), JournalError> {
+        for (_, old) in self.tables.all()? {
+            self.tables.remove(&old.name.to_string()).await?;
+        }
+        for table in tables {
+            self.save_table(table).await?;
+        }
+        *self.live() = Live::default();
+        self.save(record).await
+    }
+
+    pub fn add_progress(&self, table: &QualifiedName, rows: u64, bytes: u64) {
+        let mut live = self.live();
+        let entry = live.progress.entry(table.clone()).or_default();
+        entry.0 += rows;
+        entry.1 += bytes;
+    }
+
+    /// Forgets a table's live figures (they are in its record now), or
+    /// all of them.
+    pub fn clear_progress(&self, table: Option<&QualifiedName>) {
+        let mut live = self.live();
+        match table {
+            Some(table) => {
+                live.progress.remove(table);
+            }
+            None => live.progress.clear(),
+        }
+    }
+
+    pub fn progress(&self, table: &QualifiedName) -> Option<(u64, u64)> {
+        self.live().progress.get(table).copied()
+    }
+
+    /// Counts one more transient fault of `unit`; returns the count.
+    pub fn note_retry(&self, unit: &str, fault: &Fault) -> u32 {
+        let mut live = self.live();
+        let retry = live.retries.entry(unit.to_owned()).or_insert_with(|| Retry {
+            unit: unit.to_owned(),
+            count: 0,
+            kind: fault.kind,
+            last_error: String::new(),
+            since: SystemTime::now(),
+        });
+        retry.count += 1;
+        retry.kind = fault.kind;
+        retry.last_error = fault.message.clone();
+        retry.count
+    }
+
+    /// `unit` succeeded: it is no longer being retried.
+    pub fn clear_retry(&self, unit: &str) {
+        self.live().retries.remove(unit);
+    }
+
+    pub fn retries(&self) -> Vec<Retry> {
+        self.live().retries.values().cloned().collect()
+    }
+
+    pub fn set_waiting(&self, waiting: Option<Waiting>) {
+        self.live().waiting = waiting;
+    }
+
+    pub fn waiting(&self) -> Option<Waiting> {
+        self.live().waiting.clone()
+    }
+
+    pub fn is_verified_link(&self, link_id: u64) -> bool {
+        self.live().verified_link == Some(link_id)
+    }
+
+    pub fn set_verified_link(&self, link_id: u64) {
+        self.live().verified_link = Some(link_id);
+    }
+
+    pub fn set_live_cutover(&self, report: Option<CutoverReport>) {
+        self.live().cutover = report;
+    }
+
+    pub fn live_cutover(&self) -> Option<CutoverReport> {
+        self.live().cutover.clone()
+    }
+}

@@ -1,0 +1,199 @@
+//! `status`: the migration as the journal and the live figures have it,
+//! and, while it streams, its health asked of the agent and the target
+//! right now. What cannot be known (lag while the agent is away) is
+//! absent, never 0. `watch_health` logs the warnings while it streams.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use walbridge_proto::v1 as wire;
+
+use crate::link::unix_ms;
+use crate::migration::{Context, MigrationRecord, Phase};
+use crate::runner::Runner;
+use crate::steps::cutover;
+use crate::subscription;
+use crate::target::{self, Purpose};
+
+/// How often the controller checks a streaming migration's health.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Lag and health of a streaming migration; `None` when it has no
+/// subscription to speak of.
+pub struct Health {
+    /// `None` while the agent cannot be asked.
+    pub slot: Option<wire::SlotStatusResponse>,
+    pub subscription: subscription::State,
+    /// Errors its workers hit (PostgreSQL 15 and later).
+    pub subscription_errors: u64,
+    pub warnings: Vec<String>,
+}
+
+pub async fn health(ctx: &Context, record: &MigrationRecord) -> Option<Health> {
+    if !matches!(record.phase, Phase::Streaming | Phase::Cutover | Phase::CutOver) {
+        return None;
+    }
+    let mut warnings = Vec::new();
+    let slot = match ctx.registry.get(&record.agent) {
+        Some(agent) => match cutover::slot_status(&agent.client, &record.slot).await {
+            Ok(slot) => Some(slot),
+            Err(problem) => {
+                warnings.push(problem.to_string());
+                None
+            }
+        },
+        None => {
+            warnings.push(format!("agent {} is not connected: lag is unknown", record.agent));
+            None
+        }
+    };
+    let limit = ctx.settings.retained_wal_warning;
+    if let Some(slot) = &slot
+        && slot.retained_wal_bytes > limit
+    {
+        warnings.push(format!(
+            "slot {} holds {} bytes of WAL on the source (over streaming.retained_wal_warning, {limit}): \
+             a stalled subscription fills the source's disk",
+            record.slot, slot.retained_wal_bytes
+        ));
+    }
+    let observed = match &ctx.target {
+        Some(target) => match target::connect(target, Purpose::Control).await {
+            Ok(client) => subscription::health(&client, &record.subscription).await,
+            Err(e) => Err(e),
+        },
+        None => Ok((subscription::State::Missing, 0)),
+    };
+    let (subscription, subscription_errors) = observed.unwrap_or_else(|e| {
+        warnings.push(format!("cannot read the subscription: {e}"));
+        (subscription::State::Missing, 0)
+    });
+    if record.phase == Phase::Streaming && subscription == subscription::State::Disabled {
+        warnings.push(format!(
+            "subscription {} is disabled: nothing is applied (the target's server log says why)",
+            record.subscription
+        ));
+    }
+    if subscription_errors > 0 && record.phase == Phase::Streaming {
+        warnings.push(format!(
+            "subscription {} has hit {subscription_errors} error(s) applying changes; it retries, and the \
+             target's server log says what fails",
+            record.subscription
+        ));
+    }
+    Some(Health {
+        slot,
+        subscription,
+        subscription_errors,
+        warnings,
+    })
+}
+
+/// Logs health warnings while a migration streams.
+pub async fn watch_health(ctx: Arc<Context>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let Ok(Some(record)) = ctx.state.current() else {
+            continue;
+        };
+        if record.phase != Phase::Streaming {
+            continue;
+        }
+        if let Some(health) = health(&ctx, &record).await {
+            for warning in health.warnings {
+                tracing::warn!(migration = %record.id, "{warning}");
+            }
+        }
+    }
+}
+
+pub async fn status(runner: &Runner) -> Result<wire::StatusResponse, Status> {
+    let ctx = runner.ctx();
+    let internal = |e: walbridge_daemon::journal::JournalError| Status::internal(e.to_string());
+    let Some(record) = ctx.state.current().map_err(internal)? else {
+        return Ok(wire::StatusResponse {
+            phase: "none".to_owned(),
+            ..Default::default()
+        });
+    };
+    let tables = ctx
+        .state
+        .tables()
+        .map_err(internal)?
+        .into_iter()
+        .map(|t| {
+            let (rows, bytes) = ctx.state.progress(&t.name).unwrap_or((t.rows, t.bytes));
+            wire::TableStatus {
+                name: t.name.to_string(),
+                state: t.state.name().to_owned(),
+                rows,
+                bytes,
+                copy_seconds: t.copy_seconds,
+                copy_attempts: t.copy_attempts,
+                ranges: t.ranges.len() as u32,
+                wire_bytes: t.wire_bytes,
+                size_bytes: t.size_bytes,
+            }
+        })
+        .collect();
+    let health = health(ctx, &record).await;
+    let (slot, subscription, subscription_errors, warnings) = match health {
+        Some(h) => (
+            h.slot,
+            h.subscription.name().to_owned(),
+            h.subscription_errors,
+            h.warnings,
+        ),
+        None => Default::default(),
+    };
+    let retries = ctx
+        .state
+        .retries()
+        .into_iter()
+        .map(|r| wire::Retry {
+            unit: r.unit,
+            count: r.count,
+            kind: r.kind.name().to_owned(),
+            hint: r.kind.hint().to_owned(),
+            last_error: r.last_error,
+            since_unix_ms: unix_ms(r.since),
+        })
+        .collect();
+    let waiting = ctx.state.waiting().map(|w| wire::AgentWait {
+        agent: w.agent,
+        phase: w.phase.to_owned(),
+        since_unix_ms: unix_ms(w.since),
+    });
+    Ok(wire::StatusResponse {
+        lag_bytes: slot.as_ref().map(|s| s.lag_bytes),
+        lag_seconds: slot.as_ref().map(|s| s.lag_seconds),
+        retained_wal_bytes: slot.as_ref().map(|s| s.retained_wal_bytes),
+        slot_active: slot.as_ref().is_some_and(|s| s.active),
+        retries,
+        waiting,
+        running: runner.running().map(|op| op.name().to_owned()).unwrap_or_default(),
+        subscription,
+        subscription_errors,
+        warnings,
+        cutover: match record.phase {
+            Phase::Cutover => ctx.state.live_cutover(),
+            _ => record.cutover.clone(),
+        }
+        .as_ref()
+        .map(cutover::report_to_wire),
+        phase: record.phase.name().to_owned(),
+        migration: record.id,
+        agent: record.agent,
+        slot: record.slot,
+        consistent_lsn: record.snapshot.map(|s| s.consistent_lsn).unwrap_or_default(),
+        tables,
+        errors: record.error.into_iter().collect(),
+        events: record.events,
+        copy_restarts: record.copy_restarts,
+    })
+}

@@ -1,0 +1,22 @@
+//! Step `SchemaPreData`: pg_dump's pre-data and post-data sections are
+//! dumped in the snapshot (post-data is kept in the journal, so applying it
+//! later does not need the snapshot), and pre-data is applied to the
+//! target: tables exist, without the indexes, constraints and triggers
+//! that would slow the copy.
+
+use super::{StepError, save, snapshot};
+use crate::migration::{Context, MigrationRecord, Phase};
+use crate::registry::AgentClient;
+use crate::schema;
+
+pub async fn run(ctx: &Context, agent: &AgentClient, record: &mut MigrationRecord) -> Result<(), StepError> {
+    let snapshot = snapshot::held(agent, record).await?;
+    let target = ctx.target()?;
+    let post_data = schema::dump(agent, &snapshot, "post-data", &record.dump_exclude).await?;
+    let pre_data = schema::dump(agent, &snapshot, "pre-data", &record.dump_exclude).await?;
+    schema::apply(target, &pre_data).await?;
+    record.post_data = post_data.into_iter().map(|s| s.text).collect();
+    record.pre_data_applied = true;
+    record.phase = Phase::Copy;
+    save(ctx, record).await
+}

@@ -1,0 +1,240 @@
+//! What a migration leaves, removed: by `cleanup` after a cutover (or a
+//! `--copy-only` copy), by `abort` from any phase, and by a failure, which
+//! must leave nothing on the source that holds WAL. Every removal is
+//! idempotent, so each of these may run again after any crash. With the
+//! agent or the source gone, `abort --force` removes what is on the target
+//! and says exactly what remains on the source, with the SQL to run there.
+
+use walbridge_migration::fault::{Fault, FaultKind};
+use walbridge_migration::ident::{quote_ident, quote_literal};
+use walbridge_proto::v1 as wire;
+
+use super::StepError;
+use crate::bookkeeping;
+use crate::migration::{Context, MigrationRecord, Phase};
+use crate::registry::AgentClient;
+use crate::subscription;
+use crate::target::{self, Purpose};
+
+/// What a removal did, one line per object.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub removed: Vec<String>,
+    /// Not removed, each with the statement that removes it.
+    pub remaining: Vec<String>,
+    /// Could not be removed now (retry).
+    pub problems: Vec<String>,
+}
+
+/// Releases everything a migration holds for replication on the source:
+/// its snapshot, its slots (current and abandoned: they retain WAL), its
+/// publication and the subscription's role. All are attempted.
+pub async fn release_replication(agent: &AgentClient, record: &MigrationRecord) -> Removed {
+    let mut released = Removed::default();
+    if let Some(snapshot) = record.snapshot.as_ref().filter(|s| !s.released)
+        && let Err(status) = agent
+            .clone()
+            .release_snapshot(wire::ReleaseSnapshotRequest {
+                snapshot: snapshot.name.clone(),
+            })
+            .await
+    {
+        released
+            .problems
+            .push(format!("snapshot {}: {}", snapshot.name, status.message()));
+    }
+    let slots = record.stale_slots.iter().chain(std::iter::once(&record.slot));
+    for slot in slots {
+        let publication = if slot == &record.slot {
+            record.publication.clone()
+        } else {
+            String::new()
+        };
+        match agent
+            .clone()
+            .drop_replication(wire::DropReplicationRequest {
+                slot: slot.clone(),
+                publication: publication.clone(),
+            })
+            .await
+        {
+            Ok(dropped) => {
+                let dropped = dropped.into_inner();
+                if dropped.dropped_slot {
+                    released.removed.push(format!("replication slot {slot} on the source"));
+                }
+                if dropped.dropped_publication {
+                    released
+                        .removed
+                        .push(format!("publication {publication} on the source"));
+                }
+            }
+            Err(status) => released.problems.push(format!("{slot}: {}", status.message())),
+        }
+    }
+    if !record.subscription_role.is_empty() {
+        match agent
+            .clone()
+            .drop_subscription_role(wire::DropSubscriptionRoleRequest {
+                role: record.subscription_role.clone(),
+            })
+            .await
+        {
+            Ok(dropped) if dropped.get_ref().dropped => released
+                .removed
+                .push(format!("role {} on the source", record.subscription_role)),
+            Ok(_) => {}
+            Err(status) => released
+                .problems
+                .push(format!("role {}: {}", record.subscription_role, status.message())),
+        }
+    }
+    released
+}
+
+/// After a failure nothing may keep holding the source back: the snapshot
+/// (it blocks vacuum), the slots (they retain WAL), the publication and the
+/// role go. Says what was done, as the failure's event.
+pub async fn after_failure(ctx: &Context, record: &MigrationRecord) -> String {
+    let Some(agent) = ctx.registry.get(&record.agent) else {
+        return format!(
+            "agent {} is not connected: its snapshot dies with its link, but these remain on the source: {}",
+            record.agent,
+            source_leftovers(record).join(" ")
+        );
+    };
+    let released = release_replication(&agent.client, record).await;
+    if released.problems.is_empty() {
+        format!(
+            "after the failure, slot {} and publication {} were dropped from the source; the target keeps \
+             what the migration created there",
+            record.slot, record.publication
+        )
+    } else {
+        format!(
+            "after the failure, cleaning the source failed: {}; run on the source: {}",
+            released.problems.join("; "),
+            source_leftovers(record).join(" ")
+        )
+    }
+}
+
+/// The SQL that removes, on the source, what the migration may have left
+/// there (for an operator whose agent or source is gone).
+pub fn source_leftovers(record: &MigrationRecord) -> Vec<String> {
+    let mut sql = Vec::new();
+    for slot in record.stale_slots.iter().chain(std::iter::once(&record.slot)) {
+        sql.push(format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {};",
+            quote_literal(slot)
+        ));
+    }
+    sql.push(format!(
+        "DROP PUBLICATION IF EXISTS {};",
+        quote_ident(&record.publication)
+    ));
+    if !record.subscription_role.is_empty() {
+        sql.push(format!(
+            "DROP ROLE IF EXISTS {};",
+            quote_ident(&record.subscription_role)
+        ));
+    }
+    if record.fence_sealed {
+        sql.push(
+            "DROP FUNCTION IF EXISTS walbridge_fence.refuse_write() CASCADE; DROP SCHEMA IF EXISTS walbridge_fence;"
+                .to_owned(),
+        );
+    }
+    sql
+}
+
+/// Lifts a sealed fence; says on how many tables it was.
+pub async fn release_fence(agent: &AgentClient, record: &MigrationRecord) -> Result<Option<String>, Fault> {
+    let released = agent
+        .clone()
+        .release_fence(wire::ReleaseFenceRequest {
+            migration: record.id.clone(),
+        })
+        .await
+        .map_err(|s| crate::fault::agent("cannot release the write fence", &s))?
+        .into_inner();
+    Ok((released.tables > 0).then(|| format!("the write fence on {} source tables", released.tables)))
+}
+
+/// Subscription and walbridge's schema (target); snapshot, slots,
+/// publication, role and fence (source). With `force` and no agent, the
+/// source's part is reported as SQL to run instead.
+pub async fn remove_everything(
+    ctx: &Context,
+    record: &mut MigrationRecord,
+    phase: Phase,
+    force: bool,
+) -> Result<Removed, StepError> {
+    let agent = ctx.registry.get(&record.agent).map(|a| a.client);
+    if agent.is_none() && !force {
+        return Err(Fault::new(
+            FaultKind::AgentAway,
+            format!(
+                "agent {} is not connected, and the source's objects are removed through it: start it, or \
+                 `walbridge abort --force` to remove what is on the target and print what remains on the source",
+                record.agent
+            ),
+        )
+        .into());
+    }
+    let mut outcome = Removed::default();
+    if let Some(target_db) = &ctx.target {
+        if !record.subscription.is_empty() {
+            let removed = subscription::remove(target_db, &record.subscription, record.subscription_oid).await?;
+            outcome.removed.extend(removed.removed);
+            outcome.remaining.extend(removed.remaining);
+        }
+        let client = target::connect(target_db, Purpose::Control).await?;
+        if bookkeeping::remove(&client).await? {
+            outcome
+                .removed
+                .push(format!("walbridge's schema {} on the target", bookkeeping::SCHEMA));
+        }
+    }
+    match agent {
+        Some(agent) => {
+            let released = release_replication(&agent, record).await;
+            outcome.removed.extend(released.removed);
+            if !released.problems.is_empty() {
+                return Err(Fault::new(
+                    FaultKind::SourceUnavailable,
+                    format!("could not release the source: {}", released.problems.join("; ")),
+                )
+                .into());
+            }
+            if let Some(fence) = release_fence(&agent, record).await? {
+                outcome.removed.push(fence);
+            }
+            record.fence_sealed = false;
+        }
+        None => outcome.remaining.extend(
+            source_leftovers(record)
+                .into_iter()
+                .map(|sql| format!("on the source (agent {} is gone): {sql}", record.agent)),
+        ),
+    }
+    if let Some(snapshot) = record.snapshot.as_mut() {
+        snapshot.released = true;
+    }
+    record.phase = phase;
+    record.events.push(if outcome.removed.is_empty() {
+        format!("{}: nothing was left to remove", phase.name())
+    } else {
+        format!("{}: removed {}", phase.name(), outcome.removed.join(", "))
+    });
+    if !outcome.remaining.is_empty() {
+        record.events.push(format!(
+            "{}: left behind {}",
+            phase.name(),
+            outcome.remaining.join("; ")
+        ));
+    }
+    super::save(ctx, record).await?;
+    tracing::info!(migration = %record.id, phase = phase.name(), removed = ?outcome.removed, remaining = ?outcome.remaining, "replication objects removed");
+    Ok(outcome)
+}
