@@ -13,7 +13,8 @@
 //! * [`preflight`]: the target-side checks; [`probe`]: the proof that the
 //!   subscription can log in to the source.
 //! * [`subscription`]: the target's subscription.
-//! * [`tunnel`]: the subscription's connections, carried to the agent.
+//! * [`tunnel`]: the subscription's connections, carried to the agent;
+//!   [`door`]: who may use the tunnel when.
 //! * [`cutover`]: fence, catch up, sequences, detach.
 //! * [`metrics`]: Prometheus metrics, read from `status` at scrape time.
 //!
@@ -23,6 +24,7 @@
 pub mod api;
 pub mod config;
 pub mod cutover;
+pub mod door;
 pub mod link;
 pub mod metrics;
 pub mod migration;
