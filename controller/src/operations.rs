@@ -56,6 +56,7 @@ pub(crate) fn agent_client(migrations: &Migrations, name: &str) -> Result<AgentC
 /// the migration will only copy) the proof that the subscription can log in.
 pub async fn preflight(
     migrations: &Migrations,
+    agent_name: &str,
     agent: &AgentClient,
     tables: &[QualifiedName],
     subscribe: Option<&Route>,
@@ -101,6 +102,17 @@ pub async fn preflight(
     if let Some(route) = subscribe
         && !cannot_probe
     {
+        // The target's probe comes in through the tunnel: open it for this
+        // agent while the probe runs (a no-op for --direct).
+        let _door = match route {
+            Route::Tunnel { .. } => Some(
+                migrations
+                    .tunnel_door()
+                    .open_for_probe(agent_name)
+                    .map_err(|busy| Status::failed_precondition(busy.to_string()))?,
+            ),
+            Route::Direct => None,
+        };
         findings.extend(
             crate::probe::subscription_login(&client, agent, route, &migrations.settings().subscription_tls).await,
         );
@@ -127,7 +139,14 @@ pub async fn preflight_call(migrations: &Migrations, request: wire::PreflightReq
     let selection = selection_from_wire(request.selection);
     let planned = plan(catalog(&agent).await?, &selection, migrations.settings().split_bytes).map_err(bad_selection)?;
     let route = subscription_route(migrations, request.direct, request.copy_only)?;
-    preflight(migrations, &agent, &planned.publication_tables, route.as_ref()).await
+    preflight(
+        migrations,
+        &request.agent,
+        &agent,
+        &planned.publication_tables,
+        route.as_ref(),
+    )
+    .await
 }
 
 /// How the subscription will reach the source; `None` when there will be
@@ -167,7 +186,14 @@ pub async fn start(
     let route = subscription_route(migrations, request.direct, request.copy_only)?;
     let selection = selection_from_wire(request.selection);
     let planned = plan(catalog(&agent).await?, &selection, migrations.settings().split_bytes).map_err(bad_selection)?;
-    let findings = preflight(migrations, &agent, &planned.publication_tables, route.as_ref()).await?;
+    let findings = preflight(
+        migrations,
+        &request.agent,
+        &agent,
+        &planned.publication_tables,
+        route.as_ref(),
+    )
+    .await?;
     let errors: Vec<String> = findings
         .iter()
         .filter(|f| f.is_error())
