@@ -64,15 +64,11 @@ pub async fn sequences(client: &Client) -> Result<Vec<wire::SequenceState>, toki
 
 /// The source as the agent reaches it, password included.
 pub fn subscription_connection(source: &Database, server_version_num: u32) -> wire::SubscriptionConnectionResponse {
-    let config = source.config();
     wire::SubscriptionConnectionResponse {
         host: source.libpq_host().unwrap_or_default(),
         port: source.endpoint().map_or(0, |(_, port)| u32::from(port)),
-        user: config.get_user().unwrap_or_default().to_owned(),
-        password: config
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default(),
+        user: source.user().to_owned(),
+        password: source.password().unwrap_or_default().to_owned(),
         dbname: source.database_name().to_owned(),
         server_version_num,
     }

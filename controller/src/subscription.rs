@@ -39,10 +39,7 @@ impl State {
 /// One session on the target; pass it to the functions below so a caller
 /// that polls (cutover, status) does not connect per question.
 pub async fn session(target: &Database) -> Result<Client, String> {
-    target
-        .connect(APPLICATION_NAME)
-        .await
-        .map_err(|e| format!("cannot connect to the target: {}", describe(&e)))
+    target.connect(APPLICATION_NAME).await.map_err(|e| e.to_string())
 }
 
 /// A libpq connection-string value, quoted.
