@@ -5,7 +5,8 @@
 //!
 //! A cluster can be made to speak only TLS ([`ClusterBuilder::ssl_only`],
 //! with a server certificate from a [`TestCa`]), optionally demanding a
-//! client certificate, or only plain text ([`ClusterBuilder::plain_only`]).
+//! client certificate, TLS and plain text alike ([`ClusterBuilder::ssl`]),
+//! or only plain text ([`ClusterBuilder::plain_only`]).
 //!
 //! Any major version's bin folder works (10 onwards): the cluster is
 //! configured only through postgresql.conf and flags every version has.
@@ -163,10 +164,11 @@ pub struct ClusterBuilder {
 enum Transport {
     /// The server's defaults (no TLS configured).
     Default,
-    /// TLS only: `hostssl` lines, and a client certificate from
-    /// `client_ca` when one is set.
-    SslOnly {
+    /// TLS with this certificate: `hostssl` lines only when `only`, and
+    /// a client certificate from `client_ca` when one is set.
+    Ssl {
         cert: ServerCert,
+        only: bool,
         client_ca: Option<ClientCa>,
     },
     /// Plain text only: `ssl = off`.
@@ -187,12 +189,22 @@ impl ClusterBuilder {
     /// `hostssl ... scram-sha-256` lines (replication included), so a
     /// plain-text connection is refused. The harness's psql connects with
     /// `sslmode=require`; [`Cluster::ca_cert_path`] is the issuing CA.
-    pub fn ssl_only(mut self, cert: ServerCert) -> Self {
+    pub fn ssl_only(self, cert: ServerCert) -> Self {
+        self.with_ssl(cert, true)
+    }
+
+    /// TLS with this server certificate for whoever asks, plain text for
+    /// whoever does not (`ssl = on`, `host` lines).
+    pub fn ssl(self, cert: ServerCert) -> Self {
+        self.with_ssl(cert, false)
+    }
+
+    fn with_ssl(mut self, cert: ServerCert, only: bool) -> Self {
         let client_ca = match self.transport {
-            Transport::SslOnly { client_ca, .. } => client_ca,
+            Transport::Ssl { client_ca, .. } => client_ca,
             _ => None,
         };
-        self.transport = Transport::SslOnly { cert, client_ca };
+        self.transport = Transport::Ssl { cert, only, client_ca };
         self
     }
 
@@ -208,7 +220,11 @@ impl ClusterBuilder {
             harness_key_pem: read(&harness.key_path),
         };
         match &mut self.transport {
-            Transport::SslOnly { client_ca: slot, .. } => *slot = Some(client_ca),
+            Transport::Ssl {
+                client_ca: slot,
+                only: true,
+                ..
+            } => *slot = Some(client_ca),
             _ => panic!("client_certificates needs ssl_only first"),
         }
         self
@@ -310,7 +326,7 @@ impl ClusterBuilder {
         match &self.transport {
             Transport::Default => {}
             Transport::PlainOnly => conf.push_str("ssl = off\n"),
-            Transport::SslOnly { client_ca, .. } => {
+            Transport::Ssl { client_ca, .. } => {
                 conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
                 if client_ca.is_some() {
                     conf.push_str("ssl_ca_file = 'client-ca.crt'\n");
@@ -319,7 +335,7 @@ impl ClusterBuilder {
         }
         append(&cluster.data_dir.join("postgresql.conf"), &conf);
         match &self.transport {
-            Transport::SslOnly { cert, client_ca } => cluster.install_tls(cert, client_ca.as_ref()),
+            Transport::Ssl { cert, only, client_ca } => cluster.install_tls(cert, *only, client_ca.as_ref()),
             Transport::Default | Transport::PlainOnly => {
                 // A `replication` line does not admit logical replication
                 // connections (they match on the database name): the `all` line does.
@@ -392,8 +408,9 @@ impl Cluster {
     }
 
     /// Writes the server's certificate and key (0600, the server's user's),
-    /// the client CA, and a pg_hba of `hostssl` lines only.
-    fn install_tls(&mut self, cert: &ServerCert, client_ca: Option<&ClientCa>) {
+    /// the client CA, and a pg_hba of `hostssl` lines only (`host` lines
+    /// unless `only`).
+    fn install_tls(&mut self, cert: &ServerCert, only: bool, client_ca: Option<&ClientCa>) {
         let own = |path: &Path| {
             if let Some(user) = self.user {
                 nix::unistd::chown(path, Some(user.uid.into()), Some(user.gid.into())).expect("chown");
@@ -426,11 +443,12 @@ impl Cluster {
             clientcert = " clientcert=verify-ca";
         }
         // Replaces initdb's `host` lines: nothing but TLS over TCP.
+        let kind = if only { "hostssl" } else { "host" };
         std::fs::write(
             self.data_dir.join("pg_hba.conf"),
             format!(
-                "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256{clientcert}\n\
-                 hostssl replication all 127.0.0.1/32 scram-sha-256{clientcert}\n"
+                "local all all trust\n{kind} all all 127.0.0.1/32 scram-sha-256{clientcert}\n\
+                 {kind} replication all 127.0.0.1/32 scram-sha-256{clientcert}\n"
             ),
         )
         .expect("pg_hba.conf written");

@@ -196,7 +196,11 @@ impl TlsConnector {
                 if presented.is_empty() {
                     "no host name at all".to_owned()
                 } else {
-                    presented.join(", ")
+                    presented
+                        .iter()
+                        .map(|name| presented_name(name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }
             ),
             CertificateError::NotValidForName => format!(
@@ -248,6 +252,15 @@ impl TlsConnector {
             other => format!("TLS handshake failed: {other}"),
         }
     }
+}
+
+/// webpki's presented names read `DnsName("db.example")` and
+/// `IpAddress(10.0.0.1)`: the name alone.
+fn presented_name(name: &str) -> &str {
+    name.strip_prefix("DnsName(\"")
+        .and_then(|n| n.strip_suffix("\")"))
+        .or_else(|| name.strip_prefix("IpAddress(").and_then(|n| n.strip_suffix(')')))
+        .unwrap_or(name)
 }
 
 const DIRECT_HINT: &str = " (sslnegotiation=direct needs PostgreSQL 17 or later with ssl = on)";
@@ -635,5 +648,12 @@ mod tests {
         assert!(!name_matches("*.example", "a.db.example"));
         assert!(!name_matches("*.example", "example"));
         assert!(!name_matches("db.example", "other.example"));
+    }
+
+    #[test]
+    fn presented_names_are_shown_bare() {
+        assert_eq!(super::presented_name("DnsName(\"db.example\")"), "db.example");
+        assert_eq!(super::presented_name("IpAddress(10.0.0.1)"), "10.0.0.1");
+        assert_eq!(super::presented_name("common name db"), "common name db");
     }
 }
