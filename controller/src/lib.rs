@@ -12,7 +12,8 @@
 //! * [`transfer`]: table data into the target; checksums.
 //! * [`preflight`]: the target-side checks.
 //! * [`subscription`]: the target's subscription.
-//! * [`tunnel`]: the subscription's connections, carried to the agent.
+//! * [`tunnel`]: the subscription's connections, carried to the agent;
+//!   [`door`]: who may use the tunnel when.
 //! * [`cutover`]: fence, catch up, sequences, detach.
 //! * [`metrics`]: Prometheus metrics, read from `status` at scrape time.
 //!
@@ -22,6 +23,7 @@
 pub mod api;
 pub mod config;
 pub mod cutover;
+pub mod door;
 pub mod link;
 pub mod metrics;
 pub mod migration;

@@ -36,6 +36,7 @@ use walbridge_migration::selection::Selection;
 use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
 
+use crate::door::{CurrentMigration, TunnelDoor};
 use crate::registry::{AgentClient, Registry};
 use crate::{schema, subscription, transfer};
 
@@ -345,6 +346,10 @@ pub struct Migrations {
     stop: Mutex<CancellationToken>,
     /// The running cutover's steps so far, for `status` while it runs.
     live_cutover: Mutex<Option<CutoverReport>>,
+    /// The current migration's agent and phase, published on every save:
+    /// the tunnel's door follows it.
+    published: tokio::sync::watch::Sender<Option<CurrentMigration>>,
+    door: TunnelDoor,
 }
 
 impl std::fmt::Debug for Migrations {
@@ -360,17 +365,28 @@ impl Migrations {
         target: Option<Database>,
         settings: MigrationSettings,
     ) -> Result<Self, JournalError> {
+        let records: Table<MigrationRecord> = journal.table(MIGRATION_TABLE)?;
+        let published = tokio::sync::watch::Sender::new(records.get(CURRENT)?.as_ref().map(CurrentMigration::of));
+        let door = TunnelDoor::new(published.subscribe());
         Ok(Migrations {
             registry,
             target,
             settings,
-            records: journal.table(MIGRATION_TABLE)?,
+            records,
             tables: journal.table(TABLES_TABLE)?,
             progress: Mutex::new(Progress::default()),
             running: Mutex::new(false),
             stop: Mutex::new(CancellationToken::new()),
             live_cutover: Mutex::new(None),
+            published,
+            door,
         })
+    }
+
+    /// Who may use the tunnel now (the current migration's phase, or a
+    /// preflight probe's guard).
+    pub fn tunnel_door(&self) -> &TunnelDoor {
+        &self.door
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -403,8 +419,17 @@ impl Migrations {
         *lock(&self.live_cutover) = report;
     }
 
+    /// The one way the current record is written: journaled, then
+    /// published (to the tunnel's door) when its agent or phase changed.
     pub async fn save_record(&self, record: &MigrationRecord) -> Result<(), JournalError> {
-        self.records.put(CURRENT, record).await
+        self.records.put(CURRENT, record).await?;
+        let current = Some(CurrentMigration::of(record));
+        self.published.send_if_modified(|published| {
+            let changed = *published != current;
+            *published = current;
+            changed
+        });
+        Ok(())
     }
 
     pub fn current(&self) -> Result<Option<MigrationRecord>, JournalError> {
@@ -431,7 +456,7 @@ impl Migrations {
         for table in &tables {
             self.tables.put(&table.name.to_string(), table).await?;
         }
-        self.records.put(CURRENT, &record).await
+        self.save_record(&record).await
     }
 
     /// Runs the current migration to its end (or until `shutdown`), unless
@@ -462,7 +487,7 @@ impl Migrations {
                     record.events.push(event);
                     record.phase = Phase::Failed;
                     record.error = Some(e.to_string());
-                    if let Err(e) = self.records.put(CURRENT, &record).await {
+                    if let Err(e) = self.save_record(&record).await {
                         tracing::error!(error = %e, "cannot record the failure in the journal");
                     }
                 }
@@ -564,7 +589,7 @@ impl Migrations {
     }
 
     async fn save(&self, record: &MigrationRecord) -> Result<(), StepError> {
-        Ok(self.records.put(CURRENT, record).await?)
+        Ok(self.save_record(record).await?)
     }
 
     async fn save_table(&self, table: &TableRecord) -> Result<(), StepError> {
