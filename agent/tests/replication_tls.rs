@@ -149,3 +149,41 @@ async fn a_client_certificate_goes_with_the_replication_connection() {
     assert!(matches!(without, ReplicationError::Auth(_)), "{without:?}");
     assert!(without.to_string().contains("valid client certificate"), "{without}");
 }
+
+/// PostgreSQL 17's direct TLS (no SSLRequest; ALPN `postgresql` required),
+/// for a session and for the replication connection.
+#[tokio::test]
+async fn direct_tls_to_postgresql_17_for_sessions_and_replication() {
+    let ca = TestCa::new("direct");
+    let cluster = Cluster::builder("pg17-direct")
+        .install(&harness::PgInstall::fetch(17))
+        .logical()
+        .ssl_only(ca.server(&[NAME]))
+        .start();
+    assert!(cluster.psql("postgres", "SHOW server_version").starts_with("17."));
+    let db = source(
+        &cluster,
+        &format!(
+            "sslmode=verify-full sslrootcert={} sslnegotiation=direct channel_binding=require",
+            ca.cert_path().display()
+        ),
+    );
+    let session = db.connect(APP).await.unwrap_or_else(|e| panic!("{e}"));
+    let ssl: bool = session
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl);
+
+    let mut connection = ReplicationConnection::connect(&db, APP)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let slot = connection
+        .create_logical_slot_exporting_snapshot("direct_slot")
+        .await
+        .unwrap();
+    assert!(!slot.snapshot_name.is_empty());
+    assert_eq!(walsender_encrypted(&cluster, &connection), "t");
+    connection.close().await;
+}

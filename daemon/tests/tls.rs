@@ -358,3 +358,21 @@ async fn pg_dump_verifies_the_server_with_the_same_parameters() {
         "and walbridge's own sessions trust the same roots"
     );
 }
+
+#[tokio::test]
+async fn direct_tls_to_a_server_older_than_17_fails_with_the_reason() {
+    let ca = TestCa::new("direct-15");
+    let server = ssl_server(&ca, true);
+    let error = refused(
+        &database(&url(&server, "sslmode=require sslnegotiation=direct")),
+        &server,
+    )
+    .await;
+    assert_eq!(error.kind(), FailureKind::Tls, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("sslnegotiation=direct needs PostgreSQL 17 or later"),
+        "{error}"
+    );
+}
