@@ -266,6 +266,35 @@ async fn client_certificates_are_presented_and_refusals_say_so() {
 }
 
 #[tokio::test]
+async fn a_client_key_spoiled_after_the_setting_was_read_is_a_bad_client_key() {
+    let server_ca = TestCa::new("spoiled");
+    let client_ca = TestCa::new("spoiled-clients");
+    let server = Cluster::builder("clientcert")
+        .ssl_only(server_ca.server(&[NAME]))
+        .client_certificates(&client_ca)
+        .start();
+    let client = client_ca.client("postgres");
+    let db = database(&url(
+        &server,
+        &format!(
+            "sslmode=require sslcert={} sslkey={}",
+            client.cert_path.display(),
+            client.key_path.display()
+        ),
+    ));
+    assert!(encrypted(&db).await);
+    // Certificates are read at each connection (they get rotated).
+    let other = client_ca.client("postgres");
+    std::fs::copy(&other.key_path, &client.key_path).unwrap();
+    let error = refused(&db, &server).await;
+    assert_eq!(error.kind(), FailureKind::Tls);
+    assert!(
+        error.to_string().contains("bad client key: the key in") && error.to_string().contains("does not match"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
 async fn the_environment_supplies_tls_defaults() {
     let ca = TestCa::new("env");
     let other = TestCa::new("env-other");
