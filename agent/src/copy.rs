@@ -51,7 +51,7 @@ pub async fn snapshot_session(source: &Database, snapshot: &str) -> Result<Clien
     let client = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| crate::fault::source_status("cannot reach the source (source.url)", &e))?;
+        .map_err(|e| crate::fault::connect_status(&e))?;
     let mut setup = format!("{SESSION_SETTINGS}; START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY");
     if !snapshot.is_empty() {
         setup.push_str(&format!("; SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)));

@@ -5,7 +5,7 @@
 
 use tonic::Status;
 use tonic::metadata::MetadataValue;
-use walbridge_daemon::pg::describe;
+use walbridge_daemon::pg::{ConnectError, FailureKind, SessionError, describe};
 use walbridge_migration::fault::{FAULT_METADATA, Fault, FaultKind, Side};
 
 /// The kind of a source error: by SQLSTATE when the server answered;
@@ -21,6 +21,29 @@ pub fn kind_of(error: &tokio_postgres::Error) -> FaultKind {
 /// A source error, with what was being done, as a status.
 pub fn source_status(context: impl std::fmt::Display, error: &tokio_postgres::Error) -> Status {
     status(Fault::new(kind_of(error), format!("{context}: {}", describe(error))))
+}
+
+/// A failed connection to the source, as a status.
+pub fn connect_status(error: &ConnectError) -> Status {
+    status(Fault::new(connect_kind(error), error.to_string()))
+}
+
+pub fn connect_kind(error: &ConnectError) -> FaultKind {
+    let kind = error.kind();
+    FaultKind::of_connection(
+        !matches!(kind, FailureKind::Unreachable | FailureKind::Timeout),
+        matches!(kind, FailureKind::Tls | FailureKind::Protocol),
+        error.sqlstate(),
+        Side::Source,
+    )
+}
+
+/// A session that could not be opened or whose query failed, as a status.
+pub fn session_status(context: impl std::fmt::Display, error: &SessionError) -> Status {
+    match error {
+        SessionError::Connect(e) => status(Fault::new(connect_kind(e), format!("{context}: {e}"))),
+        SessionError::Query(e) => source_status(context, e),
+    }
 }
 
 /// A fault as a status the controller can classify.

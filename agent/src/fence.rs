@@ -91,7 +91,7 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
     let client = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| crate::fault::source_status("cannot reach the source", &e))?;
+        .map_err(|e| crate::fault::connect_status(&e))?;
     let list: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
     let lock = format!(
         "BEGIN; SET LOCAL lock_timeout = {}; LOCK TABLE {} IN EXCLUSIVE MODE",
@@ -122,7 +122,7 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
     let marker = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| crate::fault::source_status("cannot reach the source", &e))?;
+        .map_err(|e| crate::fault::connect_status(&e))?;
     let mark = async {
         marker.batch_execute("BEGIN; SET LOCAL synchronous_commit = on").await?;
         let row = marker
@@ -175,7 +175,7 @@ pub async fn release(source: &Database) -> Result<u32, Status> {
     let client = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| crate::fault::source_status("cannot reach the source", &e))?;
+        .map_err(|e| crate::fault::connect_status(&e))?;
     let fail = |e: tokio_postgres::Error| crate::fault::source_status("cannot release the fence", &e);
     let tables: i64 = client
         .query_one(

@@ -77,7 +77,13 @@ impl Snapshots {
         publication: &str,
         tables: &[QualifiedName],
     ) -> Result<HeldSnapshot, SnapshotError> {
-        let client = source.connect(APPLICATION_NAME).await.map_err(source_error)?;
+        let client = source
+            .connect(APPLICATION_NAME)
+            .await
+            .map_err(|e| SnapshotError::Source {
+                kind: crate::fault::connect_kind(&e),
+                message: e.to_string(),
+            })?;
         let table_list = tables.iter().map(QualifiedName::quoted).collect::<Vec<_>>().join(", ");
         let exists = client
             .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
@@ -99,7 +105,7 @@ impl Snapshots {
             })?;
         drop(client);
 
-        let mut connection = ReplicationConnection::connect(source.config(), APPLICATION_NAME)
+        let mut connection = ReplicationConnection::connect(source, APPLICATION_NAME)
             .await
             .map_err(|source| SnapshotError::Slot {
                 slot: slot.to_owned(),
@@ -196,7 +202,7 @@ pub async fn drop_replication(
     source: &Database,
     slot: &str,
     publication: &str,
-) -> Result<(bool, bool), tokio_postgres::Error> {
+) -> Result<(bool, bool), walbridge_daemon::pg::SessionError> {
     let client = source.connect(APPLICATION_NAME).await?;
     // A slot whose holder has just closed may still show as active while
     // its walsender exits: give it a bounded moment.

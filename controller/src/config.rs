@@ -78,8 +78,9 @@ pub fn settings() -> Vec<Setting> {
         },
         Setting {
             key: TUNNEL_ALLOW,
-            help: "client networks that may use the tunnel, comma-separated CIDRs (e.g. 10.0.0.0/8,127.0.0.1/32) \
-                   [default: any]",
+            help: "client networks that may use the tunnel, comma-separated CIDRs (e.g. the target provider's \
+                   egress addresses); required when listen.tunnel listens beyond loopback [default: any local \
+                   client, for a loopback listen.tunnel only]",
             value_name: "CIDRS",
             default: None,
         },
@@ -140,7 +141,7 @@ pub struct TunnelConfig {
     /// HOST:PORT for the subscription's connection string.
     pub advertise: Option<(String, u16)>,
     pub max_connections: usize,
-    /// Empty: any client.
+    /// Empty: any client (only when `listen` is a loopback address).
     pub allow: Vec<ipnet::IpNet>,
 }
 
@@ -177,6 +178,20 @@ impl TunnelConfig {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        // The tunnel carries connections to the source: beyond loopback it
+        // must say whom it lets in.
+        if let Some(address) = listen
+            && !address.ip().is_loopback()
+            && allow.is_empty()
+        {
+            return Err(SettingError::new(
+                TUNNEL_ALLOW,
+                format!(
+                    "is required when listen.tunnel ({address}) listens beyond loopback: list the networks the \
+                     target's servers connect from"
+                ),
+            ));
+        }
         Ok(TunnelConfig {
             listen,
             advertise,

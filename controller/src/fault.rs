@@ -4,7 +4,7 @@
 
 use tonic::Status;
 use walbridge_daemon::journal::JournalError;
-use walbridge_daemon::pg::describe;
+use walbridge_daemon::pg::{ConnectError, FailureKind, describe};
 use walbridge_migration::fault::{FAULT_METADATA, Fault, FaultKind, Side};
 
 /// The kind of a target error: by SQLSTATE when the server answered; a
@@ -19,6 +19,18 @@ pub fn target_kind(error: &tokio_postgres::Error) -> FaultKind {
 /// A target error, with what was being done.
 pub fn target(context: impl std::fmt::Display, error: &tokio_postgres::Error) -> Fault {
     Fault::new(target_kind(error), format!("{context}: {}", describe(error)))
+}
+
+/// The target could not be connected to.
+pub fn connect(error: &ConnectError) -> Fault {
+    let kind = error.kind();
+    let kind = FaultKind::of_connection(
+        !matches!(kind, FailureKind::Unreachable | FailureKind::Timeout),
+        matches!(kind, FailureKind::Tls | FailureKind::Protocol),
+        error.sqlstate(),
+        Side::Target,
+    );
+    Fault::new(kind, error.to_string())
 }
 
 /// An agent's answer, with what was being done. A status without the

@@ -20,7 +20,8 @@
 //! * [`preflight`]: the target-side checks; [`probe`]: the proof that the
 //!   subscription can log in to the source.
 //! * [`subscription`]: the target's subscription.
-//! * [`tunnel`]: the subscription's connections, carried to the agent.
+//! * [`tunnel`]: the subscription's connections, carried to the agent;
+//!   [`door`]: who may use the tunnel when.
 //! * [`metrics`]: Prometheus metrics, read from `status` at scrape time.
 //!
 //! Modules below `steps` (`schema`, `transfer`, `subscription`, `target`,
@@ -32,6 +33,7 @@
 pub mod api;
 pub mod bookkeeping;
 pub mod config;
+pub mod door;
 pub mod fault;
 pub mod link;
 pub mod metrics;
@@ -164,7 +166,9 @@ impl BoundController {
             tasks.clone(),
             shutdown.clone(),
         ));
+        let state = migration::MigrationState::open(&journal).map_err(|e| e.to_string())?;
         let ctx = Arc::new(migration::Context {
+            door: door::TunnelDoor::new(state.follow()),
             registry,
             target: config.target.clone(),
             settings: migration::MigrationSettings {
@@ -173,7 +177,7 @@ impl BoundController {
                 retained_wal_warning: config.retained_wal_warning,
                 subscription_tls: config.subscription_tls.clone(),
             },
-            state: migration::MigrationState::open(&journal).map_err(|e| e.to_string())?,
+            state,
         });
         let runner = runner::Runner::new(ctx.clone(), tasks.clone(), shutdown.clone());
         if let Some(listener) = tunnel {

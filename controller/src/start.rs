@@ -52,6 +52,7 @@ pub fn agent_client(ctx: &Context, name: &str) -> Result<AgentClient, Status> {
 /// the migration will only copy) the proof that the subscription can log in.
 pub async fn preflight(
     ctx: &Context,
+    agent_name: &str,
     agent: &AgentClient,
     tables: &[QualifiedName],
     subscribe: Option<&Route>,
@@ -97,6 +98,16 @@ pub async fn preflight(
     if let Some(route) = subscribe
         && !cannot_probe
     {
+        // The target's probe comes in through the tunnel: open it for this
+        // agent while the probe runs (a no-op for --direct).
+        let _door = match route {
+            Route::Tunnel { .. } => Some(
+                ctx.door
+                    .open_for_probe(agent_name)
+                    .map_err(|busy| Status::failed_precondition(busy.to_string()))?,
+            ),
+            Route::Direct => None,
+        };
         findings.extend(crate::probe::subscription_login(&client, agent, route, &ctx.settings.subscription_tls).await);
     }
     findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
@@ -121,7 +132,7 @@ pub async fn preflight_call(ctx: &Context, request: wire::PreflightRequest) -> R
     let selection = selection_from_wire(request.selection);
     let planned = plan(catalog(&agent).await?, &selection, ctx.settings.split_bytes).map_err(bad_selection)?;
     let route = subscription_route(ctx, request.direct, request.copy_only)?;
-    preflight(ctx, &agent, &planned.publication_tables, route.as_ref()).await
+    preflight(ctx, &request.agent, &agent, &planned.publication_tables, route.as_ref()).await
 }
 
 /// How the subscription will reach the source; `None` when there will be
@@ -157,7 +168,7 @@ pub async fn start(runner: &Arc<Runner>, request: wire::StartRequest) -> Result<
     let route = subscription_route(ctx, request.direct, request.copy_only)?;
     let selection = selection_from_wire(request.selection);
     let planned = plan(catalog(&agent).await?, &selection, ctx.settings.split_bytes).map_err(bad_selection)?;
-    let findings = preflight(ctx, &agent, &planned.publication_tables, route.as_ref()).await?;
+    let findings = preflight(ctx, &request.agent, &agent, &planned.publication_tables, route.as_ref()).await?;
     let errors: Vec<String> = findings
         .iter()
         .filter(|f| f.is_error())

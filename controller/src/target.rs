@@ -4,9 +4,9 @@
 //! walbridge's short questions (status, the cutover's polls) never hang.
 
 use tokio_postgres::Client;
-use walbridge_daemon::pg::{Database, describe};
+use walbridge_daemon::pg::Database;
 use walbridge_migration::copy::SESSION_SETTINGS;
-use walbridge_migration::fault::{Fault, FaultKind};
+use walbridge_migration::fault::Fault;
 
 /// How every controller session names itself on the target.
 pub const APPLICATION_NAME: &str = "walbridge-controller";
@@ -32,12 +32,10 @@ const BOUNDED: &str = "SET statement_timeout = '30s'; SET idle_in_transaction_se
 
 /// Opens a session for `purpose`.
 pub async fn connect(target: &Database, purpose: Purpose) -> Result<Client, Fault> {
-    let client = target.connect(APPLICATION_NAME).await.map_err(|e| {
-        Fault::new(
-            FaultKind::TargetUnavailable,
-            format!("cannot reach the target (target.url): {}", describe(&e)),
-        )
-    })?;
+    let client = target
+        .connect(APPLICATION_NAME)
+        .await
+        .map_err(|e| crate::fault::connect(&e))?;
     let settings = match purpose {
         Purpose::Copy => format!("{UNBOUNDED}; {SESSION_SETTINGS}"),
         Purpose::Schema => UNBOUNDED.to_owned(),

@@ -138,6 +138,19 @@ impl FaultKind {
         }
     }
 
+    /// The kind of a failed connection attempt on `side`: the server's
+    /// SQLSTATE when it refused; unavailable when nothing answered (in
+    /// time); a TLS or protocol failure is the settings' fault, which
+    /// retrying would not mend.
+    pub fn of_connection(answered: bool, tls_or_protocol: bool, sqlstate: Option<&str>, side: Side) -> FaultKind {
+        match sqlstate {
+            Some(code) => FaultKind::of_sqlstate(code, side),
+            None if tls_or_protocol => FaultKind::Internal,
+            None if !answered => FaultKind::of_sqlstate("08006", side),
+            None => FaultKind::of_sqlstate("08000", side),
+        }
+    }
+
     /// The kind of a PostgreSQL error, by its SQLSTATE, on `side`.
     pub fn of_sqlstate(sqlstate: &str, side: Side) -> FaultKind {
         let unavailable = match side {

@@ -65,6 +65,8 @@ pub struct Context {
     pub target: Option<Database>,
     pub settings: MigrationSettings,
     pub state: MigrationState,
+    /// Who may use the tunnel now (follows `state`).
+    pub door: crate::door::TunnelDoor,
 }
 
 impl Context {

@@ -8,11 +8,13 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use tokio::sync::watch;
 use walbridge_daemon::journal::{Journal, JournalError, Table};
 use walbridge_migration::fault::{Fault, FaultKind};
 use walbridge_migration::ident::QualifiedName;
 
 use super::record::{CutoverReport, MigrationRecord, TableRecord};
+use crate::door::CurrentMigration;
 
 const MIGRATION_TABLE: &str = "migration";
 const TABLES_TABLE: &str = "migration.tables";
@@ -53,6 +55,9 @@ struct Live {
 pub struct MigrationState {
     records: Table<MigrationRecord>,
     tables: Table<TableRecord>,
+    /// The current migration's agent and phase, published on every save:
+    /// the tunnel's door follows it.
+    published: watch::Sender<Option<CurrentMigration>>,
     /// A std mutex: held only to read or change a field, never across an await.
     live: Mutex<Live>,
 }
@@ -65,11 +70,19 @@ impl std::fmt::Debug for MigrationState {
 
 impl MigrationState {
     pub fn open(journal: &Journal) -> Result<MigrationState, JournalError> {
+        let records: Table<MigrationRecord> = journal.table(MIGRATION_TABLE)?;
+        let published = watch::Sender::new(records.get(CURRENT)?.as_ref().map(CurrentMigration::of));
         Ok(MigrationState {
-            records: journal.table(MIGRATION_TABLE)?,
+            records,
             tables: journal.table(TABLES_TABLE)?,
+            published,
             live: Mutex::new(Live::default()),
         })
+    }
+
+    /// The current migration's agent and phase as they change.
+    pub fn follow(&self) -> watch::Receiver<Option<CurrentMigration>> {
+        self.published.subscribe()
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, Live> {
@@ -81,9 +94,17 @@ impl MigrationState {
         self.records.get(CURRENT)
     }
 
-    /// Returns once the record is flushed.
+    /// The one way the current record is written: journaled (returns once
+    /// it is flushed), then published when its agent or phase changed.
     pub async fn save(&self, record: &MigrationRecord) -> Result<(), JournalError> {
-        self.records.put(CURRENT, record).await
+        self.records.put(CURRENT, record).await?;
+        let current = Some(CurrentMigration::of(record));
+        self.published.send_if_modified(|published| {
+            let changed = *published != current;
+            *published = current;
+            changed
+        });
+        Ok(())
     }
 
     pub fn tables(&self) -> Result<Vec<TableRecord>, JournalError> {
