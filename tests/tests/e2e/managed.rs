@@ -2,12 +2,14 @@
 //! password is worthless after the migration, preflight proves that login
 //! before anything is created, and nothing of it stays behind.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use harness::Cluster;
 use harness::daemons::eventually;
 
-use crate::support::{DATABASE, Migration};
+use crate::support::{DATABASE, Migration, Spec};
 
 const STREAM_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -90,4 +92,295 @@ fn the_subscription_logs_in_as_a_role_of_its_own_that_cleanup_drops() {
         ),
         "0"
     );
+}
+
+/// The PlanetScale-like target's role, exactly as issue 8 gives it, on a
+/// database owned by another role.
+const PLANETSCALE_ROLE: &str = "\
+    CREATE ROLE pscale NOSUPERUSER CREATEDB CREATEROLE INHERIT LOGIN REPLICATION BYPASSRLS \
+      PASSWORD 'pscale-password'; \
+    GRANT pg_read_all_data, pg_write_all_data, pg_read_all_settings, pg_read_all_stats, pg_stat_scan_tables, \
+          pg_monitor, pg_signal_backend, pg_checkpoint, pg_maintain, pg_use_reserved_connections, \
+          pg_create_subscription TO pscale WITH ADMIN OPTION;";
+
+/// A source role with least privilege: it logs in and replicates, and is a
+/// member of the role that owns the application's tables (a publication
+/// needs their owner's privileges); the subscription has a role of its own.
+const SOURCE_ROLES: &str = "\
+    CREATE ROLE app NOLOGIN; \
+    CREATE ROLE migrator LOGIN REPLICATION PASSWORD 'migrator-password' IN ROLE app; \
+    CREATE ROLE subscriber LOGIN REPLICATION PASSWORD 'subscriber-password';";
+
+/// Both servers' names in their certificates: neither is the address the
+/// connections go to (127.0.0.1, and the tunnel's port for the
+/// subscription), so only `host` + `hostaddr` verify them.
+const SOURCE_NAME: &str = "source.db.internal";
+const TARGET_NAME: &str = "target.db.internal";
+
+struct Managed {
+    m: Migration,
+    ca: harness::TestCa,
+}
+
+/// An SSL-only PostgreSQL 15 source and an SSL-only PostgreSQL 17 target,
+/// each reached with verify-full, as the least-privilege roles above.
+fn managed(negotiation: &str) -> Managed {
+    let ca = harness::TestCa::new("managed");
+    let source = Cluster::builder("source")
+        .logical()
+        .ssl_only(ca.server(&[SOURCE_NAME]))
+        .start();
+    let target = Cluster::builder("target")
+        .install(&harness::PgInstall::fetch(17))
+        .ssl_only(ca.server(&[TARGET_NAME]))
+        .start();
+    source.psql("postgres", SOURCE_ROLES);
+    source.create_database(DATABASE);
+    source.psql(
+        DATABASE,
+        "GRANT CREATE ON DATABASE app TO migrator; GRANT CREATE ON SCHEMA public TO app; \
+         GRANT USAGE ON SCHEMA public TO migrator",
+    );
+    source.psql(
+        DATABASE,
+        &format!(
+            "SET ROLE app; {} CREATE SCHEMA shop; CREATE TABLE shop.items (id int PRIMARY KEY, name text); \
+             INSERT INTO shop.items SELECT i, 'item ' || i FROM generate_series(1, 50) i;",
+            crate::cutover::SCHEMA
+        ),
+    );
+    target.psql("postgres", &format!("CREATE ROLE owner LOGIN; {PLANETSCALE_ROLE}"));
+    target.psql("postgres", "CREATE DATABASE app OWNER owner");
+    target.psql(
+        DATABASE,
+        "GRANT CREATE ON DATABASE app TO pscale; SET ROLE owner; GRANT CREATE ON SCHEMA public TO pscale",
+    );
+    let ca_path = ca.cert_path().display().to_string();
+    let tls = |name: &str| {
+        let mut params = vec![
+            ("hostaddr", "127.0.0.1".to_owned()),
+            ("sslmode", "verify-full".to_owned()),
+            ("sslrootcert", ca_path.clone()),
+        ];
+        if name == TARGET_NAME && negotiation == "direct" {
+            params.push(("sslnegotiation", "direct".to_owned()));
+        }
+        params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("&")
+    };
+    let source_url = format!(
+        "postgresql://migrator:migrator-password@{SOURCE_NAME}:{}/{DATABASE}?{}",
+        source.port(),
+        tls(SOURCE_NAME)
+    );
+    let target_url = format!(
+        "postgresql://pscale:pscale-password@{TARGET_NAME}:{}/{DATABASE}?{}",
+        target.port(),
+        tls(TARGET_NAME)
+    );
+    let m = Migration::custom(Spec {
+        source,
+        target,
+        source_url,
+        target_url,
+        // The target's server checks the source's certificate with the
+        // same CA file, readable by its own user.
+        controller_args: vec!["--subscription-sslrootcert".into(), ca_path],
+        agent_args: vec!["--subscription-user".into(), "subscriber".into()],
+        agent_env: vec![("WALBRIDGE_SUBSCRIPTION_PASSWORD".into(), "subscriber-password".into())],
+    });
+    Managed { m, ca }
+}
+
+/// walbridge's sessions on a server, and how many of them are not encrypted.
+fn walbridge_sessions(cluster: &Cluster) -> (u64, u64) {
+    let row = cluster.psql(
+        DATABASE,
+        "SELECT count(*), count(*) FILTER (WHERE NOT s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.application_name LIKE 'walbridge%'",
+    );
+    let (all, plain) = row.split_once('|').expect("two counts");
+    (all.parse().unwrap(), plain.parse().unwrap())
+}
+
+fn migrate_a_managed_database(negotiation: &str) {
+    let Managed { m, ca: _ca } = managed(negotiation);
+    let (code, findings, stderr) = m.cli_json(&["preflight", "--agent", "east", "--json"]);
+    assert_eq!(code, Some(0), "preflight: {stderr} {findings}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let superuser_url = m.source.url_with(DATABASE, &[("sslmode", "require")]);
+    let writes = crate::cutover::writer(superuser_url, stop.clone());
+    let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json"]);
+    assert_eq!(code, Some(0), "start: {stderr} {status}");
+    eventually(STREAM_TIMEOUT, "the subscription to stream", || {
+        (m.status()["subscription"] == "streaming").then_some(())
+    });
+    // Streaming through the tunnel, verified end to end: the walsender on
+    // the source is the subscriber role's, over TLS.
+    let walsender = eventually(STREAM_TIMEOUT, "the subscription's walsender", || {
+        let row = m.source.psql(
+            DATABASE,
+            "SELECT r.usename || '|' || s.ssl FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) \
+             WHERE r.application_name LIKE 'walbridge_%'",
+        );
+        (!row.is_empty()).then_some(row)
+    });
+    assert_eq!(walsender, "subscriber|t");
+    for cluster in [&m.source, &m.target] {
+        let (all, plain) = walbridge_sessions(cluster);
+        assert!(all > 0, "walbridge has sessions on {}", cluster.name());
+        assert_eq!(plain, 0, "every walbridge session on {} is encrypted", cluster.name());
+    }
+    let conninfo = m.target.psql(DATABASE, "SELECT subconninfo FROM pg_subscription");
+    assert!(
+        conninfo.contains(&format!("host='{SOURCE_NAME}'")) && conninfo.contains("sslmode='verify-full'"),
+        "{conninfo}"
+    );
+    assert!(!conninfo.contains("migrator-password"), "{conninfo}");
+
+    let (code, cutover, stderr) = m.cli_json(&["cutover", "--max-lag", "2s", "--timeout", "90s", "--json"]);
+    assert_eq!(code, Some(0), "cutover: {stderr} {cutover}");
+    let acked = writes.join().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    assert!(acked.stopped_by.contains("fenced"), "{acked:?}");
+    crate::cutover::assert_acknowledged_on_target(&m, &acked);
+    let (code, verify, stderr) = m.cli_json(&["verify", "--json"]);
+    assert_eq!(code, Some(0), "verify: {stderr} {verify}");
+    assert!(
+        verify["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["matches"] == true),
+        "{verify}"
+    );
+    let (code, cleaned, stderr) = m.cli_json(&["cleanup", "--json"]);
+    assert_eq!(code, Some(0), "cleanup: {stderr} {cleaned}");
+    assert_eq!(m.source_replication_objects(), (String::new(), String::new()));
+    assert_eq!(m.target.psql(DATABASE, "SELECT count(*) FROM pg_subscription"), "0");
+
+    // No password in any log line or journal file; the password the
+    // target's server may log is the subscriber's, never the agent's own.
+    for password in ["migrator-password", "pscale-password", "subscriber-password"] {
+        let found = crate::cutover::files_contain(m.install.path(), password);
+        assert!(found.is_empty(), "{password} found in {found:?}");
+    }
+}
+
+#[test]
+fn a_tls_least_privilege_migration_into_a_planetscale_like_target_cuts_over_exactly() {
+    migrate_a_managed_database("postgres");
+}
+
+#[test]
+fn the_same_with_direct_tls_to_a_postgresql_17_target() {
+    migrate_a_managed_database("direct");
+}
+
+/// What walbridge may have left on either side: slots, publications and
+/// walbridge roles on the source; subscriptions and schemas beyond the
+/// defaults on the target.
+fn leftovers(m: &Migration) -> String {
+    let source = m.source.psql(
+        DATABASE,
+        "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication) \
+              + (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'walbridge%')",
+    );
+    let target = m.target.psql(
+        DATABASE,
+        "SELECT (SELECT count(*) FROM pg_subscription) \
+              + (SELECT count(*) FROM pg_namespace WHERE nspname NOT IN ('public', 'information_schema') \
+                   AND nspname NOT LIKE 'pg\\_%')",
+    );
+    format!("source {source}, target {target}")
+}
+
+#[test]
+fn certificates_that_do_not_verify_stop_start_in_one_line_before_anything_is_created() {
+    let Managed { mut m, ca } = managed("postgres");
+    let other_ca = harness::TestCa::new("other");
+    let source_port = m.source.port();
+    let target_port = m.target.port();
+    let restart_controller = |m: &mut Migration, target_url: &str| {
+        m.controller.kill();
+        let args = [
+            m.install.controller_args(),
+            vec!["--target-url".into(), target_url.to_owned()],
+        ]
+        .concat();
+        m.controller =
+            harness::daemons::Daemon::start("controller", harness::daemons::CONTROLLER, &args, m.install.path());
+        eventually(crate::support::LINK_TIMEOUT, "agent east to reconnect", || {
+            m.install.connected_agent("east")
+        });
+    };
+    let target_url = |host: &str, root: &std::path::Path| {
+        format!(
+            "postgresql://pscale:pscale-password@{host}:{target_port}/{DATABASE}?hostaddr=127.0.0.1&sslmode=verify-full&sslrootcert={}",
+            root.display()
+        )
+    };
+    let refused = |m: &Migration, setting: &str, reason: &str| {
+        let (code, _, stderr) = m.cli_json(&["start", "--agent", "east", "--json"]);
+        assert_eq!(code, Some(1), "{stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(setting))
+            .unwrap_or_else(|| panic!("no line names {setting}: {stderr}"));
+        assert!(line.contains(reason), "{reason} in: {line}");
+        assert_eq!(leftovers(m), "source 0, target 0", "after: {line}");
+    };
+
+    restart_controller(&mut m, &target_url(TARGET_NAME, other_ca.cert_path()));
+    refused(&m, "target.url", "unknown issuer");
+    restart_controller(&mut m, &target_url("elsewhere.db.internal", ca.cert_path()));
+    refused(&m, "target.url", TARGET_NAME);
+
+    // The agent reaches its source under another name.
+    restart_controller(&mut m, &target_url(TARGET_NAME, ca.cert_path()));
+    m.agent.kill();
+    let wrong_name = format!(
+        "postgresql://migrator:migrator-password@127.0.0.1:{source_port}/{DATABASE}?sslmode=verify-full&sslrootcert={}",
+        ca.cert_path().display()
+    );
+    m.agent = harness::daemons::Daemon::start(
+        "agent-east",
+        harness::daemons::AGENT,
+        &m.install.agent_args("east", &wrong_name, "localhost"),
+        m.install.path(),
+    );
+    eventually(crate::support::LINK_TIMEOUT, "agent east to reconnect", || {
+        m.install.connected_agent("east")
+    });
+    refused(&m, "source.url", SOURCE_NAME);
+}
+
+#[test]
+fn a_plain_text_source_under_sslmode_require_is_refused_in_one_line_and_nothing_is_created() {
+    let source = Cluster::builder("source").logical().plain_only().start();
+    let target = Cluster::builder("target").start();
+    source.create_database(DATABASE);
+    target.create_database(DATABASE);
+    source.psql(DATABASE, "CREATE TABLE t (id int PRIMARY KEY)");
+    let m = Migration::custom(Spec {
+        source_url: source.url_with(DATABASE, &[("sslmode", "require")]),
+        target_url: target.url(DATABASE),
+        source,
+        target,
+        controller_args: Vec::new(),
+        agent_args: Vec::new(),
+        agent_env: Vec::new(),
+    });
+    let (code, _, stderr) = m.cli_json(&["start", "--agent", "east", "--json"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("source.url"))
+        .unwrap_or_else(|| panic!("no line names source.url: {stderr}"));
+    assert!(line.contains("does not support TLS") || line.contains("TLS"), "{line}");
+    assert_eq!(leftovers(&m), "source 0, target 0");
 }

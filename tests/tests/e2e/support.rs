@@ -161,6 +161,19 @@ pub struct Migration {
 
 pub const DATABASE: &str = "app";
 
+/// A migration set up by the test: clusters it prepared, the URLs the
+/// daemons use, and extra settings for each.
+pub struct Spec {
+    pub source: harness::Cluster,
+    pub target: harness::Cluster,
+    pub source_url: String,
+    pub target_url: String,
+    pub controller_args: Vec<String>,
+    pub agent_args: Vec<String>,
+    /// The agent's environment (for secrets, which flags would show).
+    pub agent_env: Vec<(String, String)>,
+}
+
 impl Migration {
     /// Clusters with an `app` database each; `prepare_source` fills the
     /// source before the daemons start.
@@ -188,6 +201,49 @@ impl Migration {
             install.path(),
         );
         let agent = install.start_agent("east", &source.url(DATABASE));
+        harness::daemons::eventually(LINK_TIMEOUT, "agent east to connect", || {
+            install.connected_agent("east")
+        });
+        Migration {
+            source,
+            target,
+            install,
+            controller,
+            agent,
+        }
+    }
+
+    /// Clusters and daemons as `spec` says (TLS, roles, URLs of its own).
+    pub fn custom(spec: Spec) -> Migration {
+        let Spec {
+            source,
+            target,
+            source_url,
+            target_url,
+            controller_args,
+            agent_args,
+            agent_env,
+        } = spec;
+        let install = Install::new("localhost", &["east"]);
+        let controller = Daemon::start(
+            "controller",
+            harness::daemons::CONTROLLER,
+            &[
+                install.controller_args(),
+                vec!["--target-url".into(), target_url],
+                controller_args,
+            ]
+            .concat(),
+            install.path(),
+        );
+        let env: Vec<(&str, &str)> = agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let agent = Daemon::start_with_env(
+            "agent-east",
+            AGENT,
+            &[install.agent_args("east", &source_url, "localhost"), agent_args].concat(),
+            &env,
+            install.path(),
+        );
         harness::daemons::eventually(LINK_TIMEOUT, "agent east to connect", || {
             install.connected_agent("east")
         });
@@ -284,11 +340,11 @@ impl Session {
             .enable_all()
             .build()
             .unwrap();
-        let client = runtime.block_on(async {
-            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(connection);
-            client
-        });
+        // walbridge's own connection builder: libpq's URL keys, TLS included.
+        let database = walbridge_daemon::pg::Database::parse("test session", url).expect("a valid URL");
+        let client = runtime
+            .block_on(database.connect("walbridge-test"))
+            .unwrap_or_else(|e| panic!("{e}"));
         Session { runtime, client }
     }
 
