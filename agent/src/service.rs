@@ -152,6 +152,15 @@ impl AgentService for Agent {
                     })
                     .collect(),
                 tables: facts.tables.into_iter().map(name_to_wire).collect(),
+                schemas: facts
+                    .schemas
+                    .into_iter()
+                    .map(|s| wire::SourceSchema {
+                        name: s.name,
+                        created_by_dump: s.created_by_dump,
+                        has_objects: s.has_objects,
+                    })
+                    .collect(),
             }))
         }
         .instrument(span)
