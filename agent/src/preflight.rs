@@ -360,7 +360,8 @@ async fn schemas(client: &Client, tables_in_scope: &[u32]) -> Result<Vec<SourceS
     };
     // Objects pg_dump dumps there: relations (tables only when in scope,
     // sequences only when not owned by a table out of scope), functions,
-    // types of their own, extensions.
+    // types of their own. Not extensions: a trusted one is installed into
+    // a schema without CREATE on it.
     let query = format!(
         "SELECT n.nspname::text, n.nspname <> 'public', \
                 EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid \
@@ -373,7 +374,6 @@ async fn schemas(client: &Client, tables_in_scope: &[u32]) -> Result<Vec<SourceS
                         AND {}) \
                 OR EXISTS (SELECT 1 FROM pg_proc p WHERE p.pronamespace = n.oid AND {}) \
                 OR EXISTS (SELECT 1 FROM pg_type t WHERE t.typnamespace = n.oid AND t.typtype IN ('d', 'e', 'r') AND {}) \
-                OR EXISTS (SELECT 1 FROM pg_extension e WHERE e.extnamespace = n.oid) \
          FROM pg_namespace n \
          WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
            AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \

@@ -200,6 +200,8 @@ struct TablePrivileges {
     fence_lock: bool,
     trigger: bool,
     row_security_applies: bool,
+    /// A fence trigger of an earlier migration is still on it.
+    fence_trigger_left: bool,
 }
 
 async fn table_findings(
@@ -215,12 +217,13 @@ async fn table_findings(
                 has_schema_privilege(c.relnamespace, 'USAGE'), has_table_privilege(c.oid, 'SELECT'), \
                 has_table_privilege(c.oid, '{}'), has_table_privilege(c.oid, '{}'), \
                 has_table_privilege(c.oid, 'TRIGGER'), \
-                c.relrowsecurity AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE')) \
+                c.relrowsecurity AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE')), \
+                EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = $2) \
          FROM pg_class c WHERE c.oid = ANY($1)",
         lock_privileges(version, LockMode::AccessShare),
         lock_privileges(version, LockMode::Exclusive),
     );
-    let rows = client.query(&query, &[&oids]).await?;
+    let rows = client.query(&query, &[&oids, &fence::TRIGGER]).await?;
     let by_oid: BTreeMap<u32, &ScopedTable> = tables.iter().map(|t| (t.oid, t)).collect();
     let mut privileges: Vec<TablePrivileges> = rows
         .iter()
@@ -237,6 +240,7 @@ async fn table_findings(
                 fence_lock: row.get(7),
                 trigger: row.get(8),
                 row_security_applies: row.get::<_, bool>(9) && !role.bypass_rls,
+                fence_trigger_left: row.get(10),
             })
         })
         .collect();
@@ -370,6 +374,28 @@ async fn table_findings(
             grant_on_tables("TRIGGER", schema, names, &user),
         )
     }));
+    // Sealing drops an old fence trigger first, which only the owner may.
+    let fenced: Vec<QualifiedName> = privileges
+        .iter()
+        .filter(|p| p.fence_trigger_left && !p.owned)
+        .map(|p| p.table.name.clone())
+        .collect();
+    if !fenced.is_empty() {
+        findings.push(error(
+            "fence_leftover",
+            listed(&fenced),
+            format!(
+                "{} still carry the trigger {} of an earlier fence, which sealing the next one replaces, and only \
+                 a table's owner may drop a trigger",
+                count(fenced.len(), "table"),
+                fence::TRIGGER
+            ),
+            format!(
+                "walbridge release-source -- or, on the source: DROP FUNCTION {}.refuse_write() CASCADE;",
+                fence::SCHEMA
+            ),
+        ));
+    }
     Ok(findings)
 }
 

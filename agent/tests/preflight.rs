@@ -228,6 +228,12 @@ const MIGRATOR_PASSWORD: &str = "migrator-pw";
 
 /// The source's schema, owned by `<db>_owner`.
 fn least_privilege_source(cluster: &Cluster, db: &str) {
+    // PostgreSQL 10 has no keys on partitioned tables.
+    let key = if cluster.install().major_version() >= 11 {
+        ", PRIMARY KEY (id, k)"
+    } else {
+        ""
+    };
     cluster.create_database(db);
     cluster.psql(
         db,
@@ -236,7 +242,7 @@ fn least_privilege_source(cluster: &Cluster, db: &str) {
              CREATE SCHEMA app; GRANT USAGE, CREATE ON SCHEMA app TO {db}_owner; \
              SET ROLE {db}_owner; \
              CREATE TABLE app.orders (id serial PRIMARY KEY, note text); \
-             CREATE TABLE app.events (id int, k int, PRIMARY KEY (id, k)) PARTITION BY LIST (k); \
+             CREATE TABLE app.events (id int, k int{key}) PARTITION BY LIST (k); \
              CREATE TABLE app.events_1 PARTITION OF app.events FOR VALUES IN (1); \
              CREATE SEQUENCE app.counter; SELECT nextval('app.counter'); \
              RESET ROLE"
@@ -288,6 +294,7 @@ const PRIVILEGE_CHECKS: &[&str] = &[
     "fence_schema",
     "fence_wal_marker",
     "fence_language",
+    "fence_leftover",
 ];
 
 fn privilege_findings(findings: &[Finding]) -> Vec<&Finding> {
@@ -355,9 +362,13 @@ async fn run_steps(cluster: &Cluster, db: &str) -> Steps {
         schema = walbridge_agent::fence::SCHEMA
     ))
     .await;
-    let out = cluster
-        .install()
-        .command("pg_dump")
+    // Servers fetched from registry packages come without pg_dump.
+    let mut pg_dump = if cluster.install().bin("pg_dump").exists() {
+        cluster.install().command("pg_dump")
+    } else {
+        std::process::Command::new(harness::PgInstall::fetch_pg_dump_18())
+    };
+    let out = pg_dump
         .args([
             "--schema-only",
             "--no-owner",
@@ -606,6 +617,30 @@ async fn the_cutover_needs_the_sequences_the_fences_locks_triggers_function_and_
     let steps = run_steps(&cluster, "fenceschema").await;
     assert!(failed(&steps.fence, "the fence").contains("permission denied for schema walbridge_fence"));
 
+    // An earlier fence's trigger left on a table the role does not own:
+    // sealing replaces it, and only the owner may drop it.
+    least_privilege_source(&cluster, "leftover");
+    grant_all_but_ownership(&cluster, "leftover");
+    cluster.psql(
+        "leftover",
+        "CREATE SCHEMA walbridge_fence AUTHORIZATION leftover_mig; \
+         CREATE FUNCTION walbridge_fence.refuse_write() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN RETURN NULL; END $f$; \
+         CREATE TRIGGER walbridge_fence BEFORE INSERT ON app.orders \
+           FOR EACH STATEMENT EXECUTE PROCEDURE walbridge_fence.refuse_write()",
+    );
+    let f = findings_as(&migrator_url(&cluster, "leftover"), &scope()).await;
+    let leftover = find(&f, "fence_leftover");
+    assert_eq!(leftover.object, "app.orders");
+    assert!(leftover.fix.starts_with("walbridge release-source"), "{}", leftover.fix);
+    let (client, connection) = tokio_postgres::connect(&migrator_url(&cluster, "leftover"), NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let dropped = client
+        .batch_execute("DROP TRIGGER IF EXISTS walbridge_fence ON app.orders")
+        .await;
+    assert!(describe(&dropped.unwrap_err()).contains("must be owner of"));
+
     // pg_logical_emit_message and plpgsql, revoked from PUBLIC.
     least_privilege_source(&cluster, "nomarker");
     grant_everything(&cluster, "nomarker");
@@ -647,4 +682,124 @@ async fn the_cutover_needs_the_sequences_the_fences_locks_triggers_function_and_
         failed(&steps.slot, "the slot").contains("permission denied to use replication slots")
             || failed(&steps.slot, "the slot").contains("must be superuser or replication role")
     );
+}
+
+#[tokio::test]
+async fn the_facts_name_the_schemas_the_dump_writes_into() {
+    let cluster = Cluster::builder("schemas").logical().start();
+    cluster.create_database("schemas");
+    cluster.psql(
+        "schemas",
+        "CREATE EXTENSION hstore; CREATE SCHEMA shop; CREATE TABLE shop.items (id int PRIMARY KEY); \
+         CREATE SCHEMA archive; CREATE TABLE archive.old (id serial PRIMARY KEY); CREATE SCHEMA empty",
+    );
+    let (client, connection) = tokio_postgres::connect(&cluster.url("schemas"), NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let only_shop = SourceScope {
+        tables: Some(vec![walbridge_migration::ident::QualifiedName::new("shop", "items")]),
+        ..scope()
+    };
+    let (_, facts) = check_source(&client, &only_shop).await.unwrap();
+    let schemas: Vec<(&str, bool, bool)> = facts
+        .schemas
+        .iter()
+        .map(|s| (s.name.as_str(), s.created_by_dump, s.has_objects))
+        .collect();
+    // public holds only hstore's objects, archive only a table (and its
+    // sequence) out of scope: the dump creates nothing in either.
+    assert_eq!(
+        schemas,
+        [
+            ("archive", true, false),
+            ("empty", true, false),
+            ("public", false, false),
+            ("shop", true, true)
+        ]
+    );
+}
+
+/// The rules that changed between versions, on the servers they changed in.
+#[tokio::test]
+async fn the_rules_that_changed_between_versions_are_followed() {
+    for major in [10, 17, 18] {
+        let cluster = Cluster::builder(&format!("least-privilege-{major}"))
+            .install(&harness::PgInstall::fetch(major))
+            .logical()
+            .start();
+
+        least_privilege_source(&cluster, "everything");
+        grant_everything(&cluster, "everything");
+        let f = findings_as(&migrator_url(&cluster, "everything"), &scope()).await;
+        assert!(privilege_findings(&f).is_empty(), "PostgreSQL {major}: {f:#?}");
+        let steps = run_steps(&cluster, "everything").await;
+        for (step, result) in [
+            ("slot", &steps.slot),
+            ("pg_dump", &steps.pg_dump),
+            ("copy", &steps.copy),
+            ("sequences", &steps.sequences),
+            ("fence", &steps.fence),
+        ] {
+            assert!(result.is_ok(), "PostgreSQL {major}, {step}: {result:?}");
+        }
+
+        // Before 13, locking a partitioned table checks each partition too.
+        least_privilege_source(&cluster, "partlock");
+        grant_all_but_ownership(&cluster, "partlock");
+        cluster.psql("partlock", "REVOKE UPDATE ON app.events_1 FROM partlock_mig");
+        let f = findings_as(&migrator_url(&cluster, "partlock"), &scope()).await;
+        let steps = run_steps(&cluster, "partlock").await;
+        if major < 13 {
+            assert_eq!(find(&f, "fence_lock_privilege").object, "app.events_1");
+            assert!(failed(&steps.fence, "the fence").contains("permission denied for relation events_1"));
+        } else {
+            assert!(
+                f.iter().all(|f| f.check != "fence_lock_privilege"),
+                "PostgreSQL {major}: {f:#?}"
+            );
+            assert!(steps.fence.is_ok(), "PostgreSQL {major}: {steps:#?}");
+        }
+
+        if major >= 17 {
+            // MAINTAIN lets the fence lock, and is what the fix grants.
+            least_privilege_source(&cluster, "maintain");
+            grant_all_but_ownership(&cluster, "maintain");
+            cluster.psql(
+                "maintain",
+                "REVOKE UPDATE ON ALL TABLES IN SCHEMA app FROM maintain_mig; \
+                 GRANT MAINTAIN ON ALL TABLES IN SCHEMA app TO maintain_mig",
+            );
+            let f = findings_as(&migrator_url(&cluster, "maintain"), &scope()).await;
+            assert!(f.iter().all(|f| f.check != "fence_lock_privilege"), "{f:#?}");
+            assert!(run_steps(&cluster, "maintain").await.fence.is_ok());
+            cluster.psql("maintain", "REVOKE MAINTAIN ON app.orders FROM maintain_mig");
+            let f = findings_as(&migrator_url(&cluster, "maintain"), &scope()).await;
+            assert_eq!(
+                find(&f, "fence_lock_privilege").fix,
+                "GRANT MAINTAIN ON app.orders TO maintain_mig;"
+            );
+        }
+
+        if major >= 18 {
+            // 18 reads NULL where 17 failed: the cutover would not notice.
+            least_privilege_source(&cluster, "seq");
+            grant_all_but_ownership(&cluster, "seq");
+            cluster.psql("seq", "REVOKE SELECT ON SEQUENCE app.counter FROM seq_mig");
+            let f = findings_as(&migrator_url(&cluster, "seq"), &scope()).await;
+            assert!(
+                find(&f, "sequence_privilege")
+                    .message
+                    .contains("PostgreSQL 18 reads NULL")
+            );
+            let (client, connection) = tokio_postgres::connect(&migrator_url(&cluster, "seq"), NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            let value: Option<i64> = client
+                .query_one("SELECT pg_sequence_last_value('app.counter'::regclass)", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(value, None, "no error, and no value");
+        }
+    }
 }
