@@ -46,6 +46,8 @@ enum Command {
         agent: String,
         #[command(flatten)]
         tables: TableArgs,
+        #[command(flatten)]
+        skip: SkipArgs,
         /// Print one JSON document instead of a table.
         #[arg(long)]
         json: bool,
@@ -60,6 +62,8 @@ enum Command {
         agent: String,
         #[command(flatten)]
         tables: TableArgs,
+        #[command(flatten)]
+        skip: SkipArgs,
         /// Tables copied at once (default: the agent host's CPUs, at least 2).
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         parallel: u32,
@@ -162,6 +166,19 @@ struct TableArgs {
     exclude: Vec<String>,
 }
 
+/// Schema entries left out of the migration.
+#[derive(Debug, clap::Args)]
+struct SkipArgs {
+    /// Leave this entry of the schema dump out (repeatable), named as pg_dump's header names it:
+    /// its type, then its name, schema-qualified or not — e.g. --skip 'EVENT TRIGGER audit_ddl',
+    /// --skip 'EXTENSION pg_stat_statements', --skip 'FUNCTION public.audit()'. The type is matched
+    /// case-insensitively, the name exactly; a skip that matches nothing is an error. Preflight
+    /// names every statement the target would reject with the --skip that leaves it out.
+    /// (walbridge itself leaves out comments on extensions and on the public schema.)
+    #[arg(long, value_name = "ENTRY")]
+    skip: Vec<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum CertsCommand {
     /// Write a CA, the controller's certificate, one per agent and the operator's.
@@ -223,12 +240,18 @@ fn main() -> ExitCode {
         Command::Agents { json } => {
             with_controller(&matches, |address| async move { agents::run(&address, json).await })
         }
-        Command::Preflight { agent, tables, json } => with_controller(&matches, |address| async move {
-            migrate::preflight(&address, agent, &tables.tables, &tables.exclude, json).await
+        Command::Preflight {
+            agent,
+            tables,
+            skip,
+            json,
+        } => with_controller(&matches, |address| async move {
+            migrate::preflight(&address, agent, &tables.tables, &tables.exclude, &skip.skip, json).await
         }),
         Command::Start {
             agent,
             tables,
+            skip,
             parallel,
             no_verify,
             direct,
@@ -239,6 +262,7 @@ fn main() -> ExitCode {
                 agent,
                 tables: tables.tables,
                 exclude: tables.exclude,
+                skip: skip.skip,
                 parallel,
                 no_verify,
                 direct,

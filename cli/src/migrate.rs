@@ -43,6 +43,7 @@ pub async fn preflight(
     agent: String,
     tables: &[String],
     exclude: &[String],
+    skip: &[String],
     json: bool,
 ) -> Result<(), Failure> {
     let mut client = connect(address).await.map_err(Failure::Operation)?;
@@ -50,6 +51,7 @@ pub async fn preflight(
         .preflight(wire::PreflightRequest {
             agent,
             selection: selection(tables, exclude),
+            skip: skip.to_vec(),
         })
         .await
         .map_err(call_failed)?
@@ -101,6 +103,7 @@ pub struct StartOptions {
     pub agent: String,
     pub tables: Vec<String>,
     pub exclude: Vec<String>,
+    pub skip: Vec<String>,
     pub parallel: u32,
     pub no_verify: bool,
     pub direct: bool,
@@ -120,6 +123,7 @@ pub async fn start(address: &ApiAddress, options: StartOptions) -> Result<(), Fa
             no_verify: options.no_verify,
             direct: options.direct,
             copy_only: options.copy_only,
+            skip: options.skip,
         })
         .await
         .map_err(call_failed)?

@@ -10,7 +10,8 @@
 //! * [`plan`]: from catalog and selection to what is copied.
 //! * [`schema`]: pg_dump's sections applied to the target.
 //! * [`transfer`]: table data into the target; checksums.
-//! * [`preflight`]: the target-side checks.
+//! * [`preflight`]: the target-side checks; [`rehearsal`]: the schema tried
+//!   on the target and rolled back.
 //! * [`subscription`]: the target's subscription.
 //! * [`tunnel`]: the subscription's connections, carried to the agent.
 //! * [`cutover`]: fence, catch up, sequences, detach.
@@ -29,6 +30,7 @@ pub mod operations;
 pub mod plan;
 pub mod preflight;
 pub mod registry;
+pub mod rehearsal;
 pub mod schema;
 pub mod subscription;
 pub mod transfer;

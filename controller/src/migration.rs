@@ -5,7 +5,7 @@
 //! | phase            | safe to repeat because                                       |
 //! |------------------|--------------------------------------------------------------|
 //! | `Snapshot`       | a leftover slot of this migration is dropped first           |
-//! | `SchemaPreData`  | runs once: recorded done before the copy starts              |
+//! | `SchemaPreData`  | one target transaction: all of it or nothing, recorded done  |
 //! | `Copy`           | each table is emptied and copied in one target transaction   |
 //! | `SchemaPostData` | its statements are recorded done one by one                  |
 //! | `ReleaseSnapshot`| releasing a snapshot that is gone is a no-op                 |
@@ -33,6 +33,7 @@ use walbridge_daemon::pg::Database;
 use walbridge_migration::copy::PageRange;
 use walbridge_migration::ident::QualifiedName;
 use walbridge_migration::selection::Selection;
+use walbridge_migration::skip::{self, Skip};
 use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
 
@@ -161,6 +162,9 @@ pub struct MigrationRecord {
     pub fence_sealed: bool,
     #[serde(default)]
     pub cutover: Option<CutoverReport>,
+    /// Schema entries left out of the dump (`start --skip`).
+    #[serde(default)]
+    pub skip: Vec<Skip>,
 }
 
 /// What the last cutover did.
@@ -650,8 +654,16 @@ impl Migrations {
         // it later must not need the snapshot.
         let post_data = schema::dump(agent, &snapshot, "post-data", &record.dump_exclude).await?;
         let pre_data = schema::dump(agent, &snapshot, "pre-data", &record.dump_exclude).await?;
-        schema::apply(target, &pre_data).await?;
-        record.post_data = post_data.into_iter().map(|s| s.text).collect();
+        let (pre_data, post_data) = (
+            skip::filter(pre_data, &record.skip),
+            skip::filter(post_data, &record.skip),
+        );
+        let left_out: Vec<&String> = pre_data.left_out.iter().chain(&post_data.left_out).collect();
+        if !left_out.is_empty() {
+            tracing::info!(?left_out, "schema entries left out");
+        }
+        schema::apply_in_one_transaction(target, &pre_data.statements).await?;
+        record.post_data = post_data.statements.into_iter().map(|s| s.text).collect();
         record.pre_data_applied = true;
         record.phase = Phase::Copy;
         self.save(record).await

@@ -12,15 +12,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 use walbridge_daemon::pg::describe;
-use walbridge_migration::finding::{Extension, Finding, SourceFacts};
+use walbridge_migration::finding::{Extension, Finding, SourceFacts, SourceSchema};
 use walbridge_migration::ident::QualifiedName;
 use walbridge_migration::selection::{self, Selection};
+use walbridge_migration::skip::Skip;
 use walbridge_proto::convert::{name_from_wire, name_to_wire};
 use walbridge_proto::v1 as wire;
 
 use crate::migration::{APPLICATION_NAME, MigrationRecord, Migrations, Phase};
 use crate::plan::plan;
 use crate::registry::AgentClient;
+use crate::rehearsal::SchemaScope;
 use crate::{subscription, transfer};
 
 /// Tables verified at once by `verify`.
@@ -51,11 +53,13 @@ pub(crate) fn agent_client(migrations: &Migrations, name: &str) -> Result<AgentC
     )))
 }
 
-/// Source checks through the agent, then target checks here.
+/// Source checks through the agent, then target checks here, then the
+/// schema rehearsed on the target.
 pub async fn preflight(
     migrations: &Migrations,
     agent: &AgentClient,
     tables: &[QualifiedName],
+    schema: &SchemaScope,
 ) -> Result<Vec<Finding>, Status> {
     let source = agent
         .clone()
@@ -76,6 +80,7 @@ pub async fn preflight(
             })
             .collect(),
         tables: source.tables.into_iter().map(name_from_wire).collect(),
+        schemas: source.schemas.into_iter().map(SourceSchema::from).collect(),
     };
     let mut findings: Vec<Finding> = source.findings.into_iter().map(Finding::from).collect();
     let target = migrations
@@ -90,6 +95,8 @@ pub async fn preflight(
             .await
             .map_err(|e| Status::internal(format!("target preflight failed: {}", describe(&e))))?,
     );
+    let rehearsed = crate::rehearsal::check_schema(agent, target, schema, &findings).await;
+    findings.extend(rehearsed.map_err(Status::invalid_argument)?);
     findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     Ok(findings)
 }
@@ -107,11 +114,22 @@ fn bad_selection(e: selection::SelectionError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+fn skips_from_wire(skip: Vec<String>) -> Result<Vec<Skip>, Status> {
+    skip.iter()
+        .map(|s| Skip::parse(s).map_err(|e| Status::invalid_argument(e.to_string())))
+        .collect()
+}
+
 pub async fn preflight_call(migrations: &Migrations, request: wire::PreflightRequest) -> Result<Vec<Finding>, Status> {
     let agent = agent_client(migrations, &request.agent)?;
     let selection = selection_from_wire(request.selection);
+    let skip = skips_from_wire(request.skip)?;
     let planned = plan(catalog(&agent).await?, &selection, migrations.settings().split_bytes).map_err(bad_selection)?;
-    preflight(migrations, &agent, &planned.publication_tables).await
+    let schema = SchemaScope {
+        dump_exclude: planned.dump_exclude,
+        skip,
+    };
+    preflight(migrations, &agent, &planned.publication_tables, &schema).await
 }
 
 /// Checks everything, records the migration, and starts running it.
@@ -141,19 +159,15 @@ pub async fn start(
         ));
     }
     let selection = selection_from_wire(request.selection);
+    let skip = skips_from_wire(request.skip)?;
     let planned = plan(catalog(&agent).await?, &selection, migrations.settings().split_bytes).map_err(bad_selection)?;
-    let findings = preflight(migrations, &agent, &planned.publication_tables).await?;
-    let errors: Vec<String> = findings
-        .iter()
-        .filter(|f| f.is_error())
-        .map(|f| format!("{} {}: {}", f.check, f.object, f.message))
-        .collect();
-    if !errors.is_empty() {
-        return Err(Status::failed_precondition(format!(
-            "preflight found {} error(s); nothing was created. Run `walbridge preflight` for the fixes.\n{}",
-            errors.len(),
-            errors.join("\n")
-        )));
+    let schema = SchemaScope {
+        dump_exclude: planned.dump_exclude.clone(),
+        skip,
+    };
+    let findings = preflight(migrations, &agent, &planned.publication_tables, &schema).await?;
+    if let Some(refused) = crate::preflight::refusal(&findings) {
+        return Err(Status::failed_precondition(refused));
     }
     let parallel = match request.parallel {
         0 => {
@@ -197,6 +211,7 @@ pub async fn start(
         subscription_oid: 0,
         fence_sealed: false,
         cutover: None,
+        skip: schema.skip,
     };
     migrations
         .create(record, planned.tables)
