@@ -152,15 +152,7 @@ impl AgentService for Agent {
                     })
                     .collect(),
                 tables: facts.tables.into_iter().map(name_to_wire).collect(),
-                schemas: facts
-                    .schemas
-                    .into_iter()
-                    .map(|s| wire::SourceSchema {
-                        name: s.name,
-                        created_by_dump: s.created_by_dump,
-                        has_objects: s.has_objects,
-                    })
-                    .collect(),
+                schemas: facts.schemas.into_iter().map(wire::SourceSchema::from).collect(),
             }))
         }
         .instrument(span)
