@@ -7,6 +7,8 @@ use walbridge_daemon::settings::{Setting, SettingError, Settings, parse_host_por
 use walbridge_daemon::telemetry::{LOG_FORMAT, LOG_SETTINGS, LogFormat};
 use walbridge_daemon::tls::{Identity, TLS_SETTINGS};
 
+use crate::subscription_role::SubscriptionRole;
+
 pub const NAME: &str = "name";
 pub const DATA_DIR: &str = "data_dir";
 pub const SOURCE_URL: &str = "source.url";
@@ -44,6 +46,20 @@ pub fn settings() -> Vec<Setting> {
             key: CONTROLLER_ENDPOINT,
             help: "the controller's agent port, HOST:PORT; HOST must be a name in the controller's certificate",
             value_name: "HOST:PORT",
+            default: None,
+        },
+        Setting {
+            key: crate::subscription_role::SUBSCRIPTION_USER,
+            help: "a role made for the target's subscription (LOGIN REPLICATION, nothing else); when unset, walbridge \
+                   creates one per migration with a generated password and drops it at cleanup (needs superuser, or \
+                   on PostgreSQL 16+ CREATEROLE and REPLICATION)",
+            value_name: "ROLE",
+            default: None,
+        },
+        Setting {
+            key: crate::subscription_role::SUBSCRIPTION_PASSWORD,
+            help: "the password of subscription.user (prefer the variable or the file to the flag: a flag shows in ps)",
+            value_name: "PASSWORD",
             default: None,
         },
         // The agent's only listener, off by default: for a Prometheus on the
@@ -91,6 +107,7 @@ pub struct AgentConfig {
     pub identity: Identity,
     pub log_format: LogFormat,
     pub listen_metrics: Option<std::net::SocketAddr>,
+    pub subscription_role: SubscriptionRole,
 }
 
 impl AgentConfig {
@@ -114,7 +131,24 @@ impl AgentConfig {
         let data_dir = settings.required_path(DATA_DIR)?;
         let pg_dump = settings.required(SOURCE_PG_DUMP)?.to_owned();
         let listen_metrics = settings.parse::<std::net::SocketAddr>(walbridge_daemon::metrics::LISTEN_METRICS)?;
+        let subscription_role = match (
+            settings.get(crate::subscription_role::SUBSCRIPTION_USER),
+            settings.get(crate::subscription_role::SUBSCRIPTION_PASSWORD),
+        ) {
+            (Some(user), password) => SubscriptionRole::Configured {
+                user: user.to_owned(),
+                password: password.unwrap_or_default().to_owned(),
+            },
+            (None, Some(_)) => {
+                return Err(SettingError::new(
+                    crate::subscription_role::SUBSCRIPTION_PASSWORD,
+                    "is set without subscription.user",
+                ));
+            }
+            (None, None) => SubscriptionRole::PerMigration,
+        };
         Ok(AgentConfig {
+            subscription_role,
             listen_metrics,
             name,
             data_dir,

@@ -14,6 +14,7 @@
 //! * [`replication`]: the replication-protocol connection.
 //! * [`tunnel`]: the subscription's byte streams to the source.
 //! * [`streaming`]: slot lag, sequences, the subscription's connection.
+//! * [`subscription_role`]: the role the subscription logs in as.
 //! * [`fence`]: the cutover's write fence.
 //!
 //! **Architecture invariant**: only the agent connects to the source.
@@ -30,6 +31,7 @@ pub mod service;
 pub mod snapshot;
 pub mod source;
 pub mod streaming;
+pub mod subscription_role;
 pub mod tunnel;
 
 use std::sync::Arc;
@@ -61,6 +63,7 @@ pub async fn run(
         name: config.name.clone(),
         source: config.source.clone(),
         pg_dump: config.pg_dump.clone(),
+        subscription_role: config.subscription_role.clone(),
         snapshots: Arc::new(snapshot::Snapshots::default()),
         tasks: tasks.clone(),
         link_up: std::sync::atomic::AtomicBool::new(false),

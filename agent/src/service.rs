@@ -30,6 +30,8 @@ pub struct AgentState {
     pub name: String,
     pub source: Database,
     pub pg_dump: String,
+    /// Who the target's subscription logs in as.
+    pub subscription_role: crate::subscription_role::SubscriptionRole,
     pub snapshots: Arc<Snapshots>,
     /// Streams and snapshot holders run here, so shutdown can wait for them.
     pub tasks: tokio_util::task::TaskTracker,
@@ -137,6 +139,11 @@ impl AgentService for Agent {
             let (mut findings, facts) = preflight::check_source(&client, &scope)
                 .await
                 .map_err(|e| Status::internal(format!("preflight query failed: {}", describe(&e))))?;
+            findings.extend(
+                crate::subscription_role::check(&client, &self.state.subscription_role)
+                    .await
+                    .map_err(|e| Status::internal(format!("preflight query failed: {}", describe(&e))))?,
+            );
             let version = pg_dump_version(&self.state.pg_dump).await;
             findings.extend(preflight::check_pg_dump(version.as_deref(), facts.server_version_num));
             Ok(Response::new(wire::SourcePreflightResponse {
@@ -358,14 +365,57 @@ impl AgentService for Agent {
         request: Request<wire::SubscriptionConnectionRequest>,
     ) -> Result<Response<wire::SubscriptionConnectionResponse>, Status> {
         let span = self.span("subscription_connection", &request);
-        let status = source::probe(&self.state.source).instrument(span).await;
-        if let Some(problem) = status.unreachable {
-            return Err(Status::unavailable(format!("cannot reach the source: {problem}")));
+        async {
+            let client = self.source_client().await?;
+            let version: i32 = client
+                .query_one("SELECT current_setting('server_version_num')::int4", &[])
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot read the source's version: {}", describe(&e))))?
+                .get(0);
+            let credentials =
+                crate::subscription_role::ensure(&client, &self.state.subscription_role, &request.get_ref().role)
+                    .await
+                    .map_err(|e| match e {
+                        crate::subscription_role::RoleError::NotAllowed(text) => Status::permission_denied(text),
+                        crate::subscription_role::RoleError::Database(text) => Status::unavailable(text),
+                    })?;
+            if credentials.created {
+                tracing::info!(role = %credentials.user, "the subscription's role is ready on the source");
+            }
+            Ok(Response::new(crate::streaming::subscription_connection(
+                &self.state.source,
+                version.max(0) as u32,
+                credentials,
+            )))
         }
-        Ok(Response::new(crate::streaming::subscription_connection(
-            &self.state.source,
-            status.server_version_num,
-        )))
+        .instrument(span)
+        .await
+    }
+
+    async fn drop_subscription_role(
+        &self,
+        request: Request<wire::DropSubscriptionRoleRequest>,
+    ) -> Result<Response<wire::DropSubscriptionRoleResponse>, Status> {
+        let span = self.span("drop_subscription_role", &request);
+        async {
+            let role = &request.get_ref().role;
+            if let crate::subscription_role::SubscriptionRole::Configured { user, .. } = &self.state.subscription_role
+                && user == role
+            {
+                // The operator's role is theirs to drop.
+                return Ok(Response::new(wire::DropSubscriptionRoleResponse { dropped: false }));
+            }
+            let client = self.source_client().await?;
+            let dropped = crate::subscription_role::remove(&client, role)
+                .await
+                .map_err(Status::unavailable)?;
+            if dropped {
+                tracing::info!(role = %request.get_ref().role, "dropped the subscription's role");
+            }
+            Ok(Response::new(wire::DropSubscriptionRoleResponse { dropped }))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn slot_status(

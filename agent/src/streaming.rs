@@ -8,6 +8,8 @@ use walbridge_migration::ident::QualifiedName;
 use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
 
+use crate::subscription_role::Credentials;
+
 pub async fn slot_status(client: &Client, slot: &str) -> Result<wire::SlotStatusResponse, tokio_postgres::Error> {
     let row = client
         .query_opt(
@@ -62,18 +64,21 @@ pub async fn sequences(client: &Client) -> Result<Vec<wire::SequenceState>, toki
         .collect())
 }
 
-/// The source as the agent reaches it, password included.
-pub fn subscription_connection(source: &Database, server_version_num: u32) -> wire::SubscriptionConnectionResponse {
-    let config = source.config();
+/// The source as the agent reaches it, logging in as `credentials`
+/// (password included).
+pub fn subscription_connection(
+    source: &Database,
+    server_version_num: u32,
+    credentials: Credentials,
+) -> wire::SubscriptionConnectionResponse {
     wire::SubscriptionConnectionResponse {
         host: source.libpq_host().unwrap_or_default(),
         port: source.endpoint().map_or(0, |(_, port)| u32::from(port)),
-        user: config.get_user().unwrap_or_default().to_owned(),
-        password: config
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default(),
+        user: credentials.user,
+        password: credentials.password,
         dbname: source.database_name().to_owned(),
         server_version_num,
+        role_created: credentials.created,
+        ..Default::default()
     }
 }

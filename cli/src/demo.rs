@@ -115,6 +115,7 @@ async fn migrate(
             allow: Vec::new(),
         },
         retained_wal_warning: 1 << 30,
+        subscription_tls: Default::default(),
         listen_metrics: None,
         identity: identity(&certs, "controller")?,
         log_format: LogFormat::Human,
@@ -134,6 +135,7 @@ async fn migrate(
         identity: identity(&certs, AGENT)?,
         log_format: LogFormat::Human,
         listen_metrics: None,
+        subscription_role: Default::default(),
     };
     let journal = Journal::open(&agent_dir.join("journal")).map_err(|e| fail("agent journal", &e))?;
     let agent = tokio::spawn(walbridge_agent::run(agent, journal, None, shutdown.clone()));

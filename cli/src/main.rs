@@ -40,6 +40,10 @@ enum Command {
         json: bool,
     },
     /// Check the source (through its agent) and the target; creates nothing. Exit 1 on any error finding.
+    ///
+    /// As `start` will run it, it also proves that the target can log in to the source the way
+    /// the subscription will (a throwaway subscription that connects through the tunnel, or
+    /// directly with --direct, and is dropped at once); --copy-only leaves that out.
     Preflight {
         /// The agent next to the source.
         #[arg(long)]
@@ -48,6 +52,8 @@ enum Command {
         tables: TableArgs,
         #[command(flatten)]
         skip: SkipArgs,
+        #[command(flatten)]
+        route: RouteArgs,
         /// Print one JSON document instead of a table.
         #[arg(long)]
         json: bool,
@@ -70,12 +76,8 @@ enum Command {
         /// Do not checksum each table right after its copy.
         #[arg(long)]
         no_verify: bool,
-        /// The subscription connects to the source itself instead of through the controller's tunnel.
-        #[arg(long)]
-        direct: bool,
-        /// Stop after the initial copy: no subscription, no streaming.
-        #[arg(long)]
-        copy_only: bool,
+        #[command(flatten)]
+        route: RouteArgs,
         /// Print the final status as one JSON document.
         #[arg(long)]
         json: bool,
@@ -179,6 +181,17 @@ struct SkipArgs {
     skip: Vec<String>,
 }
 
+/// How the migration's changes will reach the target.
+#[derive(Debug, clap::Args)]
+struct RouteArgs {
+    /// The subscription connects to the source itself instead of through the controller's tunnel.
+    #[arg(long)]
+    direct: bool,
+    /// Stop after the initial copy: no subscription, no streaming.
+    #[arg(long)]
+    copy_only: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum CertsCommand {
     /// Write a CA, the controller's certificate, one per agent and the operator's.
@@ -244,9 +257,19 @@ fn main() -> ExitCode {
             agent,
             tables,
             skip,
+            route,
             json,
         } => with_controller(&matches, |address| async move {
-            migrate::preflight(&address, agent, &tables.tables, &tables.exclude, &skip.skip, json).await
+            let options = migrate::PreflightOptions {
+                agent,
+                tables: tables.tables,
+                exclude: tables.exclude,
+                skip: skip.skip,
+                direct: route.direct,
+                copy_only: route.copy_only,
+                json,
+            };
+            migrate::preflight(&address, options).await
         }),
         Command::Start {
             agent,
@@ -254,8 +277,7 @@ fn main() -> ExitCode {
             skip,
             parallel,
             no_verify,
-            direct,
-            copy_only,
+            route: RouteArgs { direct, copy_only },
             json,
         } => with_controller(&matches, |address| async move {
             let options = migrate::StartOptions {

@@ -38,20 +38,26 @@ struct FindingView<'a> {
     fix: &'a str,
 }
 
-pub async fn preflight(
-    address: &ApiAddress,
-    agent: String,
-    tables: &[String],
-    exclude: &[String],
-    skip: &[String],
-    json: bool,
-) -> Result<(), Failure> {
+pub struct PreflightOptions {
+    pub agent: String,
+    pub tables: Vec<String>,
+    pub exclude: Vec<String>,
+    pub skip: Vec<String>,
+    pub direct: bool,
+    pub copy_only: bool,
+    pub json: bool,
+}
+
+pub async fn preflight(address: &ApiAddress, options: PreflightOptions) -> Result<(), Failure> {
+    let json = options.json;
     let mut client = connect(address).await.map_err(Failure::Operation)?;
     let findings = client
         .preflight(wire::PreflightRequest {
-            agent,
-            selection: selection(tables, exclude),
-            skip: skip.to_vec(),
+            agent: options.agent,
+            selection: selection(&options.tables, &options.exclude),
+            skip: options.skip,
+            direct: options.direct,
+            copy_only: options.copy_only,
         })
         .await
         .map_err(call_failed)?
@@ -437,12 +443,20 @@ pub async fn removal(address: &ApiAddress, which: Removal, json: bool) -> Result
     .map_err(call_failed)?
     .into_inner();
     if json {
-        print_json(&serde_json::json!({ "phase": response.phase, "removed": response.removed }));
-    } else if response.removed.is_empty() {
-        println!("nothing to remove; phase {}", response.phase);
+        print_json(&serde_json::json!({
+            "phase": response.phase,
+            "removed": response.removed,
+            "remaining": response.remaining,
+        }));
     } else {
+        if response.removed.is_empty() && response.remaining.is_empty() {
+            println!("nothing to remove");
+        }
         for removed in &response.removed {
             println!("removed {removed}");
+        }
+        for remaining in &response.remaining {
+            println!("left behind: {remaining}");
         }
         println!("phase {}", response.phase);
     }

@@ -19,6 +19,8 @@ pub const TUNNEL_ADVERTISE: &str = "tunnel.advertise";
 pub const TUNNEL_MAX_CONNECTIONS: &str = "tunnel.max_connections";
 pub const TUNNEL_ALLOW: &str = "tunnel.allow";
 pub const RETAINED_WAL_WARNING: &str = "streaming.retained_wal_warning";
+pub const SUBSCRIPTION_SSLMODE: &str = "subscription.sslmode";
+pub const SUBSCRIPTION_SSLROOTCERT: &str = "subscription.sslrootcert";
 pub use walbridge_daemon::metrics::LISTEN_METRICS;
 
 /// Every setting the controller reads.
@@ -76,12 +78,26 @@ pub fn settings() -> Vec<Setting> {
         },
         Setting {
             key: TUNNEL_ALLOW,
-            help: "client networks that may use the tunnel, comma-separated CIDRs (e.g. 10.0.0.0/8,127.0.0.1/32) \
-                   [default: any]",
+            help: "client networks that may use the tunnel, comma-separated CIDRs (e.g. the target provider's \
+                   egress addresses); required when listen.tunnel listens beyond loopback [default: any local \
+                   client, for a loopback listen.tunnel only]",
             value_name: "CIDRS",
             default: None,
         },
         walbridge_daemon::metrics::METRICS_SETTING,
+        Setting {
+            key: SUBSCRIPTION_SSLMODE,
+            help: "libpq's sslmode for the target's subscription to the source [default: source.url's]",
+            value_name: "MODE",
+            default: None,
+        },
+        Setting {
+            key: SUBSCRIPTION_SSLROOTCERT,
+            help: "the CA the target's subscription checks the source's certificate with: a file on the *target \
+                   server's* host, or `system` (libpq 16+) [default: source.url's when it is `system`]",
+            value_name: "PATH|system",
+            default: None,
+        },
         Setting {
             key: RETAINED_WAL_WARNING,
             help: "warn (status and log) when the slot holds more WAL than this many bytes on the source",
@@ -125,7 +141,7 @@ pub struct TunnelConfig {
     /// HOST:PORT for the subscription's connection string.
     pub advertise: Option<(String, u16)>,
     pub max_connections: usize,
-    /// Empty: any client.
+    /// Empty: any client (only when `listen` is a loopback address).
     pub allow: Vec<ipnet::IpNet>,
 }
 
@@ -162,6 +178,20 @@ impl TunnelConfig {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        // The tunnel carries connections to the source: beyond loopback it
+        // must say whom it lets in.
+        if let Some(address) = listen
+            && !address.ip().is_loopback()
+            && allow.is_empty()
+        {
+            return Err(SettingError::new(
+                TUNNEL_ALLOW,
+                format!(
+                    "is required when listen.tunnel ({address}) listens beyond loopback: list the networks the \
+                     target's servers connect from"
+                ),
+            ));
+        }
         Ok(TunnelConfig {
             listen,
             advertise,
@@ -180,6 +210,7 @@ pub struct ControllerConfig {
     pub split_bytes: u64,
     pub tunnel: TunnelConfig,
     pub retained_wal_warning: u64,
+    pub subscription_tls: crate::subscription::SubscriptionTls,
     pub listen_metrics: Option<SocketAddr>,
     pub identity: Identity,
     pub log_format: LogFormat,
@@ -210,7 +241,20 @@ impl ControllerConfig {
             .ok_or_else(|| SettingError::new(RETAINED_WAL_WARNING, "must be a number of bytes"))?;
         let identity = Identity::from_settings(settings)?;
         let listen_metrics = settings.parse::<SocketAddr>(LISTEN_METRICS)?;
+        let sslmode = settings.get(SUBSCRIPTION_SSLMODE).unwrap_or_default().to_owned();
+        const SSLMODES: [&str; 6] = ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"];
+        if !sslmode.is_empty() && !SSLMODES.contains(&sslmode.as_str()) {
+            return Err(SettingError::new(
+                SUBSCRIPTION_SSLMODE,
+                format!("{sslmode:?} is not one of {}", SSLMODES.join(", ")),
+            ));
+        }
+        let subscription_tls = crate::subscription::SubscriptionTls {
+            sslmode,
+            sslrootcert: settings.get(SUBSCRIPTION_SSLROOTCERT).unwrap_or_default().to_owned(),
+        };
         Ok(ControllerConfig {
+            subscription_tls,
             tunnel,
             retained_wal_warning,
             listen_metrics,

@@ -11,9 +11,11 @@
 //! * [`schema`]: pg_dump's sections applied to the target.
 //! * [`transfer`]: table data into the target; checksums.
 //! * [`preflight`]: the target-side checks; [`rehearsal`]: the schema tried
-//!   on the target and rolled back.
+//!   on the target and rolled back; [`probe`]: the proof that the
+//!   subscription can log in to the source.
 //! * [`subscription`]: the target's subscription.
-//! * [`tunnel`]: the subscription's connections, carried to the agent.
+//! * [`tunnel`]: the subscription's connections, carried to the agent;
+//!   [`door`]: who may use the tunnel when.
 //! * [`cutover`]: fence, catch up, sequences, detach.
 //! * [`metrics`]: Prometheus metrics, read from `status` at scrape time.
 //!
@@ -23,12 +25,14 @@
 pub mod api;
 pub mod config;
 pub mod cutover;
+pub mod door;
 pub mod link;
 pub mod metrics;
 pub mod migration;
 pub mod operations;
 pub mod plan;
 pub mod preflight;
+pub mod probe;
 pub mod registry;
 pub mod rehearsal;
 pub mod schema;
@@ -158,6 +162,7 @@ impl BoundController {
                     split_bytes: config.split_bytes,
                     tunnel_advertise: config.tunnel.advertise.clone(),
                     retained_wal_warning: config.retained_wal_warning,
+                    subscription_tls: config.subscription_tls.clone(),
                 },
             )
             .map_err(|e| e.to_string())?,

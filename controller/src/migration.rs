@@ -37,6 +37,7 @@ use walbridge_migration::skip::{self, Skip};
 use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
 
+use crate::door::{CurrentMigration, TunnelDoor};
 use crate::registry::{AgentClient, Registry};
 use crate::{schema, subscription, transfer};
 
@@ -157,6 +158,11 @@ pub struct MigrationRecord {
     /// `pg_<oid>`, which cleanup makes sure is gone.
     #[serde(default)]
     pub subscription_oid: u32,
+    /// The role walbridge creates on the source for the subscription to log
+    /// in as, dropped with the migration's other source objects (nothing
+    /// to drop when the agent uses the operator's `subscription.user`).
+    #[serde(default)]
+    pub subscription_role: String,
     /// The fence was sealed on the source (it stays until released).
     #[serde(default)]
     pub fence_sealed: bool,
@@ -232,6 +238,23 @@ pub async fn release_replication(agent: &AgentClient, record: &MigrationRecord) 
             Err(status) => released.problems.push(format!("{slot}: {}", status.message())),
         }
     }
+    if !record.subscription_role.is_empty() {
+        match agent
+            .clone()
+            .drop_subscription_role(wire::DropSubscriptionRoleRequest {
+                role: record.subscription_role.clone(),
+            })
+            .await
+        {
+            Ok(dropped) if dropped.get_ref().dropped => released
+                .removed
+                .push(format!("role {} on the source", record.subscription_role)),
+            Ok(_) => {}
+            Err(status) => released
+                .problems
+                .push(format!("role {}: {}", record.subscription_role, status.message())),
+        }
+    }
     released
 }
 
@@ -242,6 +265,8 @@ pub struct MigrationSettings {
     /// HOST:PORT of the tunnel, as the target reaches it.
     pub tunnel_advertise: Option<(String, u16)>,
     pub retained_wal_warning: u64,
+    /// The subscription's TLS where the source's settings do not carry over.
+    pub subscription_tls: subscription::SubscriptionTls,
 }
 
 /// The slot (and publication) name of a migration's copy attempt: a new
@@ -349,6 +374,10 @@ pub struct Migrations {
     stop: Mutex<CancellationToken>,
     /// The running cutover's steps so far, for `status` while it runs.
     live_cutover: Mutex<Option<CutoverReport>>,
+    /// The current migration's agent and phase, published on every save:
+    /// the tunnel's door follows it.
+    published: tokio::sync::watch::Sender<Option<CurrentMigration>>,
+    door: TunnelDoor,
 }
 
 impl std::fmt::Debug for Migrations {
@@ -364,17 +393,28 @@ impl Migrations {
         target: Option<Database>,
         settings: MigrationSettings,
     ) -> Result<Self, JournalError> {
+        let records: Table<MigrationRecord> = journal.table(MIGRATION_TABLE)?;
+        let published = tokio::sync::watch::Sender::new(records.get(CURRENT)?.as_ref().map(CurrentMigration::of));
+        let door = TunnelDoor::new(published.subscribe());
         Ok(Migrations {
             registry,
             target,
             settings,
-            records: journal.table(MIGRATION_TABLE)?,
+            records,
             tables: journal.table(TABLES_TABLE)?,
             progress: Mutex::new(Progress::default()),
             running: Mutex::new(false),
             stop: Mutex::new(CancellationToken::new()),
             live_cutover: Mutex::new(None),
+            published,
+            door,
         })
+    }
+
+    /// Who may use the tunnel now (the current migration's phase, or a
+    /// preflight probe's guard).
+    pub fn tunnel_door(&self) -> &TunnelDoor {
+        &self.door
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -407,8 +447,17 @@ impl Migrations {
         *lock(&self.live_cutover) = report;
     }
 
+    /// The one way the current record is written: journaled, then
+    /// published (to the tunnel's door) when its agent or phase changed.
     pub async fn save_record(&self, record: &MigrationRecord) -> Result<(), JournalError> {
-        self.records.put(CURRENT, record).await
+        self.records.put(CURRENT, record).await?;
+        let current = Some(CurrentMigration::of(record));
+        self.published.send_if_modified(|published| {
+            let changed = *published != current;
+            *published = current;
+            changed
+        });
+        Ok(())
     }
 
     pub fn current(&self) -> Result<Option<MigrationRecord>, JournalError> {
@@ -435,7 +484,7 @@ impl Migrations {
         for table in &tables {
             self.tables.put(&table.name.to_string(), table).await?;
         }
-        self.records.put(CURRENT, &record).await
+        self.save_record(&record).await
     }
 
     /// Runs the current migration to its end (or until `shutdown`), unless
@@ -466,7 +515,7 @@ impl Migrations {
                     record.events.push(event);
                     record.phase = Phase::Failed;
                     record.error = Some(e.to_string());
-                    if let Err(e) = self.records.put(CURRENT, &record).await {
+                    if let Err(e) = self.save_record(&record).await {
                         tracing::error!(error = %e, "cannot record the failure in the journal");
                     }
                 }
@@ -568,7 +617,7 @@ impl Migrations {
     }
 
     async fn save(&self, record: &MigrationRecord) -> Result<(), StepError> {
-        Ok(self.records.put(CURRENT, record).await?)
+        Ok(self.save_record(record).await?)
     }
 
     async fn save_table(&self, table: &TableRecord) -> Result<(), StepError> {
@@ -918,27 +967,40 @@ impl Migrations {
     /// statement and is kept nowhere else by walbridge.
     async fn subscribe(&self, agent: &AgentClient, record: &mut MigrationRecord) -> Result<(), StepError> {
         let target = self.target_db()?;
+        let route = self.route(record.direct).map_err(StepError::Failed)?;
+        // The role's name is journaled before it exists, so that whatever
+        // happens next, the migration's end drops it (a no-op when the
+        // agent uses the operator's subscription.user instead).
+        let role = format!("walbridge_{}", record.id);
+        if record.subscription_role != role {
+            record.subscription_role = role.clone();
+            self.save(record).await?;
+        }
         let source = agent
             .clone()
-            .subscription_connection(wire::SubscriptionConnectionRequest {})
+            .subscription_connection(wire::SubscriptionConnectionRequest { role })
             .await
             .map_err(|s| StepError::Failed(s.message().to_owned()))?
             .into_inner();
-        let (host, port) = if record.direct {
-            (source.host.clone(), source.port as u16)
-        } else {
-            self.settings
-                .tunnel_advertise
-                .clone()
-                .ok_or_else(|| StepError::Failed("listen.tunnel is not set (or start with --direct)".to_owned()))?
-        };
-        let oid = subscription::create(target, record, &source, &host, port)
+        let oid = subscription::create(target, record, &source, &route, &self.settings.subscription_tls)
             .await
             .map_err(StepError::Failed)?;
-        tracing::info!(subscription = %record.subscription, via = %format!("{host}:{port}"), direct = record.direct, "subscription created");
+        tracing::info!(subscription = %record.subscription, role = %source.user, direct = record.direct, "subscription created");
         record.subscription_oid = oid;
         record.phase = Phase::Streaming;
         self.save(record).await
+    }
+
+    /// How the target reaches the source: directly, or through the tunnel.
+    pub fn route(&self, direct: bool) -> Result<subscription::Route, String> {
+        if direct {
+            return Ok(subscription::Route::Direct);
+        }
+        self.settings
+            .tunnel_advertise
+            .clone()
+            .map(|(host, port)| subscription::Route::Tunnel { host, port })
+            .ok_or_else(|| "listen.tunnel is not set (or start with --direct)".to_owned())
     }
 
     /// A cutover the controller did not see to its end (it restarted). The

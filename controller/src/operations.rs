@@ -23,6 +23,7 @@ use crate::migration::{APPLICATION_NAME, MigrationRecord, Migrations, Phase};
 use crate::plan::plan;
 use crate::registry::AgentClient;
 use crate::rehearsal::SchemaScope;
+use crate::subscription::Route;
 use crate::{subscription, transfer};
 
 /// Tables verified at once by `verify`.
@@ -54,12 +55,15 @@ pub(crate) fn agent_client(migrations: &Migrations, name: &str) -> Result<AgentC
 }
 
 /// Source checks through the agent, then target checks here, then the
-/// schema rehearsed on the target.
+/// schema rehearsed on the target, then (unless the migration will only
+/// copy) the proof that the subscription can log in.
 pub async fn preflight(
     migrations: &Migrations,
+    agent_name: &str,
     agent: &AgentClient,
     tables: &[QualifiedName],
     schema: &SchemaScope,
+    subscribe: Option<&Route>,
 ) -> Result<Vec<Finding>, Status> {
     let source = agent
         .clone()
@@ -97,6 +101,29 @@ pub async fn preflight(
     );
     let rehearsed = crate::rehearsal::check_schema(agent, target, schema, &findings).await;
     findings.extend(rehearsed.map_err(Status::invalid_argument)?);
+    // The probe needs a role that may create a subscription on the target
+    // and one that may make the subscription's role on the source.
+    let cannot_probe = findings
+        .iter()
+        .any(|f| f.is_error() && matches!(f.check.as_str(), "subscription_privilege" | "subscription_role"));
+    if let Some(route) = subscribe
+        && !cannot_probe
+    {
+        // The target's probe comes in through the tunnel: open it for this
+        // agent while the probe runs (a no-op for --direct).
+        let _door = match route {
+            Route::Tunnel { .. } => Some(
+                migrations
+                    .tunnel_door()
+                    .open_for_probe(agent_name)
+                    .map_err(|busy| Status::failed_precondition(busy.to_string()))?,
+            ),
+            Route::Direct => None,
+        };
+        findings.extend(
+            crate::probe::subscription_login(&client, agent, route, &migrations.settings().subscription_tls).await,
+        );
+    }
     findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     Ok(findings)
 }
@@ -129,7 +156,30 @@ pub async fn preflight_call(migrations: &Migrations, request: wire::PreflightReq
         dump_exclude: planned.dump_exclude,
         skip,
     };
-    preflight(migrations, &agent, &planned.publication_tables, &schema).await
+    let route = subscription_route(migrations, request.direct, request.copy_only)?;
+    preflight(
+        migrations,
+        &request.agent,
+        &agent,
+        &planned.publication_tables,
+        &schema,
+        route.as_ref(),
+    )
+    .await
+}
+
+/// How the subscription will reach the source; `None` when there will be
+/// no subscription.
+fn subscription_route(migrations: &Migrations, direct: bool, copy_only: bool) -> Result<Option<Route>, Status> {
+    if copy_only {
+        return Ok(None);
+    }
+    migrations.route(direct).map(Some).map_err(|_| {
+        Status::failed_precondition(
+            "listen.tunnel is not set on the controller: the subscription needs the tunnel to reach the source \
+             (or start with --direct when the target can reach the source itself)",
+        )
+    })
 }
 
 /// Checks everything, records the migration, and starts running it.
@@ -152,12 +202,7 @@ pub async fn start(
             current.phase.name()
         )));
     }
-    if !request.direct && !request.copy_only && migrations.settings().tunnel_advertise.is_none() {
-        return Err(Status::failed_precondition(
-            "listen.tunnel is not set on the controller: the subscription needs the tunnel to reach the source \
-             (or start with --direct when the target can reach the source itself)",
-        ));
-    }
+    let route = subscription_route(migrations, request.direct, request.copy_only)?;
     let selection = selection_from_wire(request.selection);
     let skip = skips_from_wire(request.skip)?;
     let planned = plan(catalog(&agent).await?, &selection, migrations.settings().split_bytes).map_err(bad_selection)?;
@@ -165,7 +210,15 @@ pub async fn start(
         dump_exclude: planned.dump_exclude.clone(),
         skip,
     };
-    let findings = preflight(migrations, &agent, &planned.publication_tables, &schema).await?;
+    let findings = preflight(
+        migrations,
+        &request.agent,
+        &agent,
+        &planned.publication_tables,
+        &schema,
+        route.as_ref(),
+    )
+    .await?;
     if let Some(refused) = crate::preflight::refusal(&findings) {
         return Err(Status::failed_precondition(refused));
     }
@@ -209,6 +262,7 @@ pub async fn start(
         copy_only: request.copy_only,
         subscription: format!("walbridge_{id}"),
         subscription_oid: 0,
+        subscription_role: String::new(),
         fence_sealed: false,
         cutover: None,
         skip: schema.skip,
@@ -437,6 +491,7 @@ pub async fn release_source(migrations: &Migrations) -> Result<wire::CleanupResp
     Ok(wire::CleanupResponse {
         removed,
         phase: record.phase.name().to_owned(),
+        remaining: Vec::new(),
     })
 }
 
@@ -510,14 +565,15 @@ async fn remove_everything(
 ) -> Result<wire::CleanupResponse, Status> {
     let agent = agent_client(migrations, &record.agent)?;
     let mut removed = Vec::new();
+    let mut remaining = Vec::new();
     if let Some(target) = migrations.target()
         && !record.subscription.is_empty()
     {
-        removed.extend(
-            subscription::remove(target, &record.subscription, record.subscription_oid)
-                .await
-                .map_err(Status::unavailable)?,
-        );
+        let outcome = subscription::remove(target, &record.subscription, record.subscription_oid)
+            .await
+            .map_err(Status::unavailable)?;
+        removed.extend(outcome.removed);
+        remaining.extend(outcome.remaining);
     }
     let released = crate::migration::release_replication(&agent, &record).await;
     removed.extend(released.removed);
@@ -541,5 +597,6 @@ async fn remove_everything(
     Ok(wire::CleanupResponse {
         removed,
         phase: phase.name().to_owned(),
+        remaining,
     })
 }

@@ -394,8 +394,14 @@ mod tests {
             .chain(std::iter::once(warning("target_room", "", "a warning", "")))
             .collect();
         let refused = refusal(&findings).unwrap();
-        assert!(refused.starts_with("preflight found 311 error(s); nothing was created."), "{refused}");
-        assert!(refused.contains("TABLE public.t4:") && !refused.contains("TABLE public.t5:"), "{refused}");
+        assert!(
+            refused.starts_with("preflight found 311 error(s); nothing was created."),
+            "{refused}"
+        );
+        assert!(
+            refused.contains("TABLE public.t4:") && !refused.contains("TABLE public.t5:"),
+            "{refused}"
+        );
         assert!(refused.ends_with("... and 306 more"), "{refused}");
         assert!(refused.len() < 2500, "{} bytes", refused.len());
         assert_eq!(refusal(&findings[311..]), None, "warnings alone refuse nothing");

@@ -45,6 +45,110 @@ pub async fn session(target: &Database) -> Result<Client, String> {
         .map_err(|e| format!("cannot connect to the target: {}", describe(&e)))
 }
 
+/// How the target's libpq reaches the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// The source's own address (`start --direct`).
+    Direct,
+    /// The controller's tunnel, as the target reaches it.
+    Tunnel { host: String, port: u16 },
+}
+
+/// The subscription's TLS, as the controller is told (`subscription.*`):
+/// what the target's libpq should use where the source's own settings do
+/// not carry over (a root certificate file on the agent's host is not on
+/// the target's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriptionTls {
+    /// libpq's sslmode for the subscription; empty: the source.url's.
+    pub sslmode: String,
+    /// A CA file *on the target server's host*, or `system`; empty: the
+    /// source.url's when it is `system`, else libpq's default.
+    pub sslrootcert: String,
+}
+
+/// The connection string of the subscription (and of preflight's probe):
+/// the one place it is written. Through the tunnel, `host` stays the
+/// source's name and `hostaddr` is the tunnel's address, because libpq
+/// checks the server's certificate against `host` (`verify-full`) and
+/// connects to `hostaddr`: the source's certificate is verified end to end
+/// although the bytes go through the controller and the agent.
+pub fn conninfo(
+    source: &wire::SubscriptionConnectionResponse,
+    route: &Route,
+    tls: &SubscriptionTls,
+    target_version: i32,
+) -> Result<String, String> {
+    let mut params: Vec<(&str, String)> = Vec::new();
+    match route {
+        Route::Direct => {
+            params.push(("host", source.host.clone()));
+            params.push(("port", source.port.to_string()));
+        }
+        Route::Tunnel { host, port } => {
+            let names_a_server = !source.host.is_empty() && !source.host.starts_with('/');
+            if names_a_server {
+                params.push(("host", source.host.clone()));
+                params.push(("hostaddr", resolve(host, *port)?));
+            } else {
+                params.push(("host", host.clone()));
+            }
+            params.push(("port", port.to_string()));
+        }
+    }
+    params.push(("dbname", source.dbname.clone()));
+    params.push(("user", source.user.clone()));
+    if !source.password.is_empty() {
+        params.push(("password", source.password.clone()));
+    }
+    let sslmode = if tls.sslmode.is_empty() {
+        source.sslmode.clone()
+    } else {
+        tls.sslmode.clone()
+    };
+    if !sslmode.is_empty() {
+        params.push(("sslmode", sslmode));
+    }
+    let sslrootcert = if tls.sslrootcert.is_empty() {
+        source.sslrootcert.clone()
+    } else {
+        tls.sslrootcert.clone()
+    };
+    if sslrootcert == "system" && target_version < 160000 {
+        return Err(format!(
+            "sslrootcert=system needs libpq 16 or later, and the target runs {target_version}: set \
+             subscription.sslrootcert to a CA file on the target server's host"
+        ));
+    }
+    if !sslrootcert.is_empty() {
+        params.push(("sslrootcert", sslrootcert));
+    }
+    // Keywords older libpq versions reject: only where the target's knows them.
+    if source.sslnegotiation == "direct" && target_version >= 170000 {
+        params.push(("sslnegotiation", source.sslnegotiation.clone()));
+    }
+    if source.sslsni == "0" && target_version >= 140000 {
+        params.push(("sslsni", "0".to_owned()));
+    }
+    Ok(params
+        .iter()
+        .map(|(key, value)| format!("{key}={}", conninfo_value(value)))
+        .collect::<Vec<_>>()
+        .join(" "))
+}
+
+/// libpq's `hostaddr` takes only a numeric address.
+fn resolve(host: &str, port: u16) -> Result<String, String> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(host.to_owned());
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| format!("tunnel.advertise: cannot resolve {host}: {e}"))?
+        .next()
+        .map(|address| address.ip().to_string())
+        .ok_or_else(|| format!("tunnel.advertise: {host} resolves to no address"))
+}
+
 /// A libpq connection-string value, quoted.
 fn conninfo_value(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
@@ -55,8 +159,8 @@ pub async fn create(
     target: &Database,
     record: &MigrationRecord,
     source: &wire::SubscriptionConnectionResponse,
-    host: &str,
-    port: u16,
+    route: &Route,
+    tls: &SubscriptionTls,
 ) -> Result<u32, String> {
     let client = session(target).await?;
     if let Some(oid) = oid(&client, &record.subscription).await? {
@@ -64,15 +168,7 @@ pub async fn create(
     }
     let target_version = server_version(&client).await?;
     let source_version = source.server_version_num as i32;
-    let mut conninfo = vec![
-        format!("host={}", conninfo_value(host)),
-        format!("port={port}"),
-        format!("dbname={}", conninfo_value(&source.dbname)),
-        format!("user={}", conninfo_value(&source.user)),
-    ];
-    if !source.password.is_empty() {
-        conninfo.push(format!("password={}", conninfo_value(&source.password)));
-    }
+    let connection = conninfo(source, route, tls, target_version)?;
     let mut options = vec![
         "copy_data = false".to_owned(),
         "create_slot = false".to_owned(),
@@ -92,7 +188,7 @@ pub async fn create(
     let statement = format!(
         "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH ({})",
         quote_ident(&record.subscription),
-        quote_literal(&conninfo.join(" ")),
+        quote_literal(&connection),
         quote_ident(&record.publication),
         options.join(", ")
     );
@@ -107,7 +203,31 @@ pub async fn create(
         .ok_or_else(|| "the subscription vanished right after its creation".to_owned())
 }
 
-async fn server_version(client: &Client) -> Result<i32, String> {
+/// Proves that the target can log in to the source the way the
+/// subscription will: a subscription that connects (and so checks, for a
+/// non-superuser owner, that the source asked for the password) but holds
+/// no slot and is never enabled, dropped at once. Its replication origin
+/// goes with it.
+pub async fn probe(client: &Client, name: &str, connection: &str) -> Result<(), tokio_postgres::Error> {
+    let created = client
+        .batch_execute(&format!(
+            "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION walbridge_probe \
+             WITH (connect = true, enabled = false, create_slot = false, slot_name = NONE, copy_data = false)",
+            quote_ident(name),
+            quote_literal(connection)
+        ))
+        .await;
+    // Dropped whatever happened: a half-made probe must not stay.
+    let exists = oid(client, name).await.ok().flatten().is_some();
+    if exists {
+        let _ = client
+            .batch_execute(&format!("DROP SUBSCRIPTION IF EXISTS {}", quote_ident(name)))
+            .await;
+    }
+    created
+}
+
+pub async fn server_version(client: &Client) -> Result<i32, String> {
     Ok(client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
@@ -183,11 +303,20 @@ pub async fn detach(client: &Client, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What [`remove`] did, and what it could not do (with the statement
+/// that does it).
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub removed: Vec<String>,
+    pub remaining: Vec<String>,
+}
+
 /// Drops the subscription (detaching it first) and its replication
-/// origin if PostgreSQL left it behind. Says what it removed.
-pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Vec<String>, String> {
+/// origin if PostgreSQL left it behind. Says what it removed; an origin
+/// only a superuser may drop is reported with the statement, not an error.
+pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Removed, String> {
     let client = session(target).await?;
-    let mut removed = Vec::new();
+    let mut outcome = Removed::default();
     let current = state(&client, name).await?;
     if current != State::Missing {
         if current != State::Detached {
@@ -197,7 +326,7 @@ pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Vec<Strin
             .batch_execute(&format!("DROP SUBSCRIPTION {}", quote_ident(name)))
             .await
             .map_err(|e| format!("DROP SUBSCRIPTION {name} failed on the target: {}", describe(&e)))?;
-        removed.push(format!("subscription {name} on the target"));
+        outcome.removed.push(format!("subscription {name} on the target"));
     }
     if oid != 0 {
         let origin = format!("pg_{oid}");
@@ -207,12 +336,22 @@ pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Vec<Strin
             .map_err(|e| describe(&e))?
             .is_some();
         if leaked {
-            client
+            match client
                 .execute("SELECT pg_replication_origin_drop($1)", &[&origin])
                 .await
-                .map_err(|e| format!("cannot drop replication origin {origin}: {}", describe(&e)))?;
-            removed.push(format!("replication origin {origin} on the target"));
+            {
+                Ok(_) => outcome
+                    .removed
+                    .push(format!("replication origin {origin} on the target")),
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+                    outcome.remaining.push(format!(
+                        "replication origin {origin} on the target (only a superuser may drop it; it holds no \
+                         WAL): SELECT pg_replication_origin_drop('{origin}');"
+                    ))
+                }
+                Err(e) => return Err(format!("cannot drop replication origin {origin}: {}", describe(&e))),
+            }
         }
     }
-    Ok(removed)
+    Ok(outcome)
 }

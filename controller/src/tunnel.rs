@@ -3,6 +3,11 @@
 //! agent, which joins it to the source. Bytes are passed as they come:
 //! each side is read only as fast as HTTP/2 flow control lets its bytes
 //! go, so a slow end slows the other down instead of buffering.
+//!
+//! A connection is carried only from a client in `tunnel.allow` and while
+//! the [`crate::door::TunnelDoor`] is open; it is closed as soon as the
+//! door closes for its agent. Refused connections are closed at once and
+//! logged with the client's address and the reason.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use walbridge_proto::v1 as wire;
 
 use crate::config::TunnelConfig;
+use crate::door::Passage;
 use crate::migration::Migrations;
 
 /// Bytes read from the client per message.
@@ -46,6 +52,13 @@ pub async fn serve(
             tracing::warn!(%peer, "tunnel connection refused: the client is not in tunnel.allow");
             continue;
         }
+        let passage = match migrations.tunnel_door().admit() {
+            Ok(passage) => passage,
+            Err(why) => {
+                tracing::warn!(%peer, reason = %why, "tunnel connection refused: the tunnel is closed");
+                continue;
+            }
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, max = config.max_connections, "tunnel connection refused: tunnel.max_connections are open");
             continue;
@@ -53,7 +66,7 @@ pub async fn serve(
         let migrations = migrations.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            if let Err(e) = carry(socket, peer, &migrations, shutdown).await {
+            if let Err(e) = carry(socket, peer, passage, &migrations, shutdown).await {
                 tracing::warn!(%peer, error = %e, "tunnel connection closed");
             }
             drop(permit);
@@ -61,18 +74,16 @@ pub async fn serve(
     }
 }
 
-/// Joins one accepted connection to a stream through the agent.
+/// Joins one accepted connection to a stream through the agent, until
+/// either end closes, the door closes for it, or the controller stops.
 async fn carry(
     socket: TcpStream,
     peer: SocketAddr,
+    mut passage: Passage,
     migrations: &Migrations,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
-    let agent_name = migrations
-        .current()
-        .map_err(|e| e.to_string())?
-        .map(|m| m.agent)
-        .ok_or("no migration: the tunnel leads nowhere")?;
+    let agent_name = passage.agent.clone();
     let agent = migrations
         .registry()
         .get(&agent_name)
@@ -89,14 +100,14 @@ async fn carry(
         .scan((), |(), chunk| std::future::ready(chunk.ok()))
         .map(|data| wire::TunnelData { data })
         .take_until(answered.clone().cancelled_owned());
-    tracing::debug!(%peer, agent = %agent_name, "tunnel connection opened");
-    let answers = agent
-        .client
-        .clone()
-        .tunnel(requests)
-        .await
-        .map_err(|s| s.message().to_owned())?
-        .into_inner();
+    tracing::debug!(%peer, agent = %agent_name, reason = ?passage.reason, "tunnel connection opened");
+    let mut client = agent.client.clone();
+    let opened = tokio::select! {
+        opened = client.tunnel(requests) => opened.map_err(|s| s.message().to_owned())?,
+        why = passage.closed() => return Err(format!("closed by the controller: {why}")),
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    let answers = opened.into_inner();
     let mut answers = StreamReader::new(answers.map(|message| {
         message
             .map(|m| m.data)
@@ -104,6 +115,7 @@ async fn carry(
     }));
     let outcome = tokio::select! {
         copied = tokio::io::copy_buf(&mut answers, &mut writer) => copied.map(drop).map_err(|e| e.to_string()),
+        why = passage.closed() => Err(format!("closed by the controller: {why}")),
         _ = shutdown.cancelled() => Ok(()),
     };
     let _ = writer.shutdown().await;

@@ -6,6 +6,7 @@ mod cutover;
 mod demo;
 mod deploy;
 mod link;
+mod managed;
 mod progress;
 mod settings;
 mod support;

@@ -125,6 +125,33 @@ fn each_bad_controller_setting_exits_2_naming_it() {
             ]
             .concat(),
         ),
+        // Beyond loopback, the tunnel must say whom it lets in. (The CA is
+        // missing too: were the tunnel check gone, that would be named.)
+        (
+            "tunnel.allow",
+            [
+                replace(
+                    &replace(&good, "--listen-tunnel", "0.0.0.0:0"),
+                    "--tls-ca-cert",
+                    "/nonexistent/ca.pem",
+                ),
+                vec!["--tunnel-advertise".into(), "127.0.0.1:7401".into()],
+            ]
+            .concat(),
+        ),
+        (
+            "tunnel.allow",
+            [
+                replace(
+                    &replace(&good, "--listen-tunnel", "0.0.0.0:0"),
+                    "--tls-ca-cert",
+                    "/nonexistent/ca.pem",
+                ),
+                vec!["--tunnel-advertise".into(), "127.0.0.1:7401".into()],
+                vec!["--tunnel-allow".into(), " , ".into()],
+            ]
+            .concat(),
+        ),
         (
             "tunnel.max_connections",
             [good.clone(), vec!["--tunnel-max-connections".into(), "0".into()]].concat(),

@@ -1,14 +1,17 @@
 //! The tunnel across real network separation: the source listens only
 //! inside its own network namespace, the controller and the target live in
 //! another, and the only way between them is the connection the agent
-//! dials out.
+//! dials out. And the tunnel as a door: open only while a migration's
+//! subscription needs it, closing the connections it carried when the
+//! migration moves on.
 
 use std::process::Command;
+use std::time::Duration;
 
 use harness::Cluster;
 use harness::daemons::{AGENT, CONTROLLER, Daemon, eventually, walbridge};
 
-use crate::support::{DATABASE, Install, LINK_TIMEOUT};
+use crate::support::{DATABASE, Install, LINK_TIMEOUT, Migration, Session};
 
 const SOURCE_ADDRESS: &str = "10.231.0.1";
 const TARGET_ADDRESS: &str = "10.231.0.2";
@@ -153,4 +156,162 @@ fn the_subscription_reaches_a_firewalled_source_only_through_the_agents_tunnel()
         "cleanup: {}",
         String::from_utf8_lossy(&cleanup.stderr)
     );
+}
+
+const STREAM_TIMEOUT: Duration = Duration::from_secs(120);
+
+const DOOR_SCHEMA: &str = "CREATE TABLE accounts (id int PRIMARY KEY, balance int); \
+     INSERT INTO accounts SELECT i, 100 FROM generate_series(1, 100) i;";
+
+fn through_tunnel(m: &Migration) -> String {
+    format!(
+        "postgres://postgres:{}@127.0.0.1:{}/{DATABASE}?connect_timeout=10",
+        m.source.password(),
+        m.install.tunnel_port
+    )
+}
+
+/// A PostgreSQL session through the tunnel: the source's backend pid, or
+/// the client's error. With the right password, only a tunnel that
+/// refuses the connection can make it fail.
+fn connect_through_tunnel(m: &Migration) -> Result<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&through_tunnel(m), tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        let row = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(row.get::<_, i32>(0).to_string())
+    })
+}
+
+fn backend_alive(m: &Migration, pid: &str) -> bool {
+    m.source.psql(
+        DATABASE,
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+    ) == "1"
+}
+
+/// `start` to streaming, then a session of our own through the tunnel.
+fn stream_and_open_a_session(m: &Migration) -> (Session, String) {
+    let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json"]);
+    assert_eq!(code, Some(0), "start: {stderr} {status}");
+    eventually(STREAM_TIMEOUT, "the subscription's worker to stream", || {
+        (m.status()["subscription"] == "streaming").then_some(())
+    });
+    let session = Session::open(&through_tunnel(m));
+    let pid = session.value("SELECT pg_backend_pid()").unwrap();
+    assert!(
+        backend_alive(m, &pid),
+        "while streaming, the tunnel leads to the source"
+    );
+    (session, pid)
+}
+
+/// After the migration leaves the tunnel's phases: the session carried
+/// before is closed at both ends, a new connection is refused, and the
+/// controller says why.
+fn assert_tunnel_closed(m: &Migration, session: &Session, pid: &str, phase: &str) {
+    eventually(Duration::from_secs(10), "the carried session to be closed", || {
+        session.is_closed().then_some(())
+    });
+    eventually(Duration::from_secs(10), "its backend on the source to end", || {
+        (!backend_alive(m, pid)).then_some(())
+    });
+    m.controller.wait_for_log_line(
+        Duration::from_secs(10),
+        &["tunnel connection closed", "closed by the controller", phase],
+    );
+    let refused = connect_through_tunnel(m);
+    assert!(
+        refused.is_err(),
+        "a new connection must not reach the source: {refused:?}"
+    );
+    m.controller.wait_for_log_line(
+        Duration::from_secs(10),
+        &["tunnel connection refused", "the tunnel is closed", phase],
+    );
+}
+
+#[test]
+fn the_tunnel_is_closed_without_a_migration_and_closes_its_connections_at_cutover() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(source, DOOR_SCHEMA);
+    let refused = connect_through_tunnel(&m);
+    assert!(refused.is_err(), "no migration: the tunnel leads nowhere: {refused:?}");
+    m.controller.wait_for_log_line(
+        Duration::from_secs(10),
+        &["tunnel connection refused", "no migration needs the tunnel"],
+    );
+
+    let (session, pid) = stream_and_open_a_session(&m);
+    let (code, cutover, stderr) = m.cli_json(&["cutover", "--timeout", "60s", "--json"]);
+    assert_eq!(code, Some(0), "cutover: {stderr} {cutover}");
+    assert_eq!(m.status()["phase"], "cut_over");
+    assert_tunnel_closed(&m, &session, &pid, "cut_over");
+}
+
+#[test]
+fn abort_closes_the_tunnel_and_the_connections_it_carried() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(source, DOOR_SCHEMA);
+    let (session, pid) = stream_and_open_a_session(&m);
+    let (code, aborted, stderr) = m.cli_json(&["abort", "--json"]);
+    assert_eq!(code, Some(0), "abort: {stderr} {aborted}");
+    assert_eq!(m.status()["phase"], "aborted");
+    assert_tunnel_closed(&m, &session, &pid, "aborted");
+}
+
+/// A raw TCP connection to the tunnel from `client_address` (any address
+/// of 127.0.0.0/8 is this machine's): whether the controller closed it at
+/// once, without a byte.
+fn closed_at_once_from(client_address: &str, m: &Migration) -> bool {
+    use std::io::Read;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{client_address}:0").parse().unwrap()).unwrap();
+        socket
+            .connect(format!("127.0.0.1:{}", m.install.tunnel_port).parse().unwrap())
+            .await
+            .unwrap()
+            .into_std()
+            .unwrap()
+    });
+    let mut stream = stream;
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    matches!(stream.read(&mut [0u8; 16]), Ok(0))
+}
+
+#[test]
+fn the_tunnel_refuses_clients_outside_tunnel_allow_even_while_it_is_open() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::with_controller_args(source, DOOR_SCHEMA, &["--tunnel-allow", "127.0.0.1/32"]);
+    // Open: the subscription (from 127.0.0.1) streams through it, and so
+    // does a session of ours from the same address.
+    let (_session, _pid) = stream_and_open_a_session(&m);
+    assert!(
+        closed_at_once_from("127.0.0.2", &m),
+        "a client outside tunnel.allow is closed at once"
+    );
+    m.controller.wait_for_log_line(
+        Duration::from_secs(10),
+        &["tunnel connection refused", "not in tunnel.allow", "127.0.0.2"],
+    );
+    assert!(
+        connect_through_tunnel(&m).is_ok(),
+        "a client inside it still gets through"
+    );
+    assert_eq!(m.status()["subscription"], "streaming");
 }
