@@ -398,31 +398,73 @@ fn findings(outcome: Outcome, explicit: &[Finding]) -> Vec<Finding> {
     findings
 }
 
+/// Whether the target rejected it because the object exists already.
+fn already_exists(code: Option<&SqlState>) -> bool {
+    [
+        SqlState::DUPLICATE_TABLE,
+        SqlState::DUPLICATE_OBJECT,
+        SqlState::DUPLICATE_FUNCTION,
+        SqlState::DUPLICATE_SCHEMA,
+    ]
+    .iter()
+    .any(|c| code == Some(c))
+}
+
+/// `DROP ...` for an entry whose kind drops by its plain name (a function
+/// drops by its signature, which the header does not quote).
+fn drop_statement(entry: &Entry) -> Option<String> {
+    let kind = entry.kind.as_str();
+    if !matches!(
+        kind,
+        "TABLE" | "TYPE" | "DOMAIN" | "SEQUENCE" | "VIEW" | "MATERIALIZED VIEW" | "SCHEMA"
+    ) {
+        return None;
+    }
+    let name = match &entry.schema {
+        Some(schema) => QualifiedName::new(schema.clone(), entry.name.clone()).to_string(),
+        None => quote_ident(&entry.name),
+    };
+    Some(format!("DROP {kind} {name} CASCADE;"))
+}
+
 fn rejection_finding(rejection: &Rejection) -> Finding {
     let statement = &rejection.statement;
     let mut shown: String = statement.text.chars().take(SHOWN_STATEMENT_CHARS).collect();
     if statement.text.chars().count() > SHOWN_STATEMENT_CHARS {
         shown.push_str(" ...");
     }
+    let exists = already_exists(rejection.code.as_ref());
     let (object, fix) = match &statement.entry {
-        Some(entry) => (
-            entry.label(),
-            format!(
-                "make the target accept it, or, if the application does not need it, leave it out: walbridge \
-                 start {} (and preflight with the same --skip)",
+        Some(entry) => {
+            let skip = format!(
+                "leave it out: walbridge start {} (and preflight with the same --skip)",
                 skip_argument(entry)
-            ),
-        ),
+            );
+            let fix = match (exists, drop_statement(entry)) {
+                (true, Some(drop)) => format!(
+                    "{drop} -- on the target, once you are sure it holds nothing you need; or, if the \
+                     application does not need it, {skip}"
+                ),
+                (true, None) => format!("drop it on the target; or, if the application does not need it, {skip}"),
+                (false, _) => format!("make the target accept it, or, if the application does not need it, {skip}"),
+            };
+            (entry.label(), fix)
+        }
         None => (
             format!("{} line {}", rejection.section, statement.line),
             "make the target accept this setting".to_owned(),
         ),
     };
+    let leftover = if exists {
+        " — it may be a leftover of an earlier attempt (walbridge never drops what it created on the target)"
+    } else {
+        ""
+    };
     error(
         "schema_statement",
         object,
         format!(
-            "the target rejects this {} statement (line {} of the dump): {}\n{shown}",
+            "the target rejects this {} statement (line {} of the dump): {}{leftover}\n{shown}",
             rejection.section, statement.line, rejection.error
         ),
         fix,
