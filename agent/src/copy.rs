@@ -48,7 +48,7 @@ pub async fn snapshot_session(source: &Database, snapshot: &str) -> Result<Clien
     let client = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the source (source.url): {}", describe(&e))))?;
+        .map_err(|e| Status::unavailable(e.to_string()))?;
     let mut setup = format!("{SESSION_SETTINGS}; START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY");
     if !snapshot.is_empty() {
         setup.push_str(&format!("; SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)));

@@ -95,7 +95,7 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
     let client = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the source: {}", describe(&e))))?;
+        .map_err(|e| Status::unavailable(e.to_string()))?;
     let list: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
     let lock = format!(
         "BEGIN; SET LOCAL lock_timeout = {}; LOCK TABLE {} IN EXCLUSIVE MODE",
@@ -123,7 +123,7 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
     let marker = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the source: {}", describe(&e))))?;
+        .map_err(|e| Status::unavailable(e.to_string()))?;
     let mark = async {
         marker.batch_execute("BEGIN; SET LOCAL synchronous_commit = on").await?;
         let row = marker
@@ -176,7 +176,7 @@ pub async fn release(source: &Database) -> Result<u32, Status> {
     let client = source
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the source: {}", describe(&e))))?;
+        .map_err(|e| Status::unavailable(e.to_string()))?;
     let fail = |e: tokio_postgres::Error| Status::internal(format!("cannot release the fence: {}", describe(&e)));
     let tables: i64 = client
         .query_one(

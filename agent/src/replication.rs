@@ -3,36 +3,38 @@
 //! parameter, and the server refuses it through `options`.
 //!
 //! Built on `postgres-protocol`'s message codecs: startup, authentication
-//! (trust, cleartext, md5, SCRAM-SHA-256 without channel binding), and the
-//! simple query protocol, which is all the replication commands need.
-//! TLS is not spoken here yet: `sslmode=require` is refused with a clear
-//! error rather than silently sent in plain text.
+//! (trust, cleartext, md5, SCRAM-SHA-256, and SCRAM-SHA-256-PLUS bound to
+//! the TLS connection as tokio-postgres would), and the simple query
+//! protocol, which is all the replication commands need. It connects
+//! through [`Database::with_encryption`] and [`walbridge_daemon::pg::tls`]:
+//! the same `sslmode` attempts, the same rustls configuration and
+//! verification as every other session, SSLRequest or direct TLS.
 //!
 //! The exported snapshot of `CREATE_REPLICATION_SLOT` lives only while the
 //! connection stays open and runs no other command; [`ReplicationConnection::closed`]
 //! watches the connection without sending anything.
 
-use std::time::Duration;
-
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::Host;
+use walbridge_daemon::pg::ssl::ChannelBinding as ChannelBindingMode;
+use walbridge_daemon::pg::tls::{self, Encryption, TlsConnector};
+use walbridge_daemon::pg::{ConnectError, Database, Failure, FailureKind};
 use walbridge_migration::ident::quote_ident;
-
-const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
-    #[error("cannot connect for replication: {0}")]
-    Connect(String),
-    #[error("replication connection refused: {0}")]
-    Auth(String),
+    #[error("{0}")]
+    Connect(ConnectError),
+    /// The server refused the replication role (SQLSTATE class 28).
+    #[error("{0}")]
+    Auth(ConnectError),
     #[error("{}", walbridge_daemon::pg::describe_server_error(message, code, detail.as_deref(), hint.as_deref()))]
     Server {
         code: String,
@@ -44,8 +46,20 @@ pub enum ReplicationError {
     Protocol(String),
     #[error("the server closed the replication connection")]
     Closed,
-    #[error("{0}")]
-    Unsupported(String),
+    #[error("the replication connection failed: {0}")]
+    Io(String),
+}
+
+impl From<ConnectError> for ReplicationError {
+    fn from(error: ConnectError) -> ReplicationError {
+        let refused_role =
+            error.kind() == FailureKind::Refused && error.sqlstate().is_some_and(|c| c.starts_with("28"));
+        if refused_role {
+            ReplicationError::Auth(error)
+        } else {
+            ReplicationError::Connect(error)
+        }
+    }
 }
 
 /// What `CREATE_REPLICATION_SLOT` returned.
@@ -73,12 +87,16 @@ pub struct ReplicationConnection {
     stream: Box<dyn Stream>,
     read: BytesMut,
     server_version: String,
+    backend_pid: Option<i32>,
+    /// Set over TLS: describes the alerts a server sends after the handshake.
+    tls: Option<TlsConnector>,
 }
 
 impl std::fmt::Debug for ReplicationConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicationConnection")
             .field("server_version", &self.server_version)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -87,143 +105,213 @@ impl std::fmt::Debug for ReplicationConnection {
 type Rows = Vec<Vec<Option<String>>>;
 
 impl ReplicationConnection {
-    /// Connects with `replication=database` and authenticates.
-    pub async fn connect(config: &tokio_postgres::Config, application_name: &str) -> Result<Self, ReplicationError> {
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(ReplicationError::Unsupported(
-                "TLS to the source (sslmode=require) is not supported by the replication connection yet".to_owned(),
-            ));
-        }
-        let timeout = config.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        tokio::time::timeout(timeout, Self::connect_inner(config, application_name))
-            .await
-            .map_err(|_| ReplicationError::Connect(format!("no answer within {timeout:?}")))?
+    /// Connects to `source` with `replication=database` and authenticates,
+    /// with its `sslmode` attempts, each bounded by its `connect_timeout`.
+    pub async fn connect(source: &Database, application_name: &str) -> Result<Self, ReplicationError> {
+        Ok(source
+            .with_encryption(|encryption| Self::connect_once(source, encryption, application_name))
+            .await?)
     }
 
-    async fn connect_inner(config: &tokio_postgres::Config, application_name: &str) -> Result<Self, ReplicationError> {
-        let user = config
-            .get_user()
-            .ok_or_else(|| ReplicationError::Connect("no user in the connection settings".to_owned()))?;
-        let port = config.get_ports().first().copied().unwrap_or(5432);
-        let stream: Box<dyn Stream> = match config.get_hosts().first() {
-            Some(Host::Tcp(host)) => {
+    async fn connect_once(source: &Database, encryption: Encryption, application_name: &str) -> Result<Self, Failure> {
+        let connector = match encryption {
+            Encryption::Plain => None,
+            Encryption::IfOffered | Encryption::Required => Some(source.tls_connector()?),
+        };
+        let unreachable =
+            |what: String, e: std::io::Error| Failure::new(FailureKind::Unreachable, format!("{what}: {e}"));
+        let (host, port) = source.endpoint().expect("a parsed database has an endpoint");
+        let (stream, binding, over_tls): (Box<dyn Stream>, Option<Vec<u8>>, bool) = match host {
+            Host::Tcp(host) => {
                 let tcp = TcpStream::connect((host.as_str(), port))
                     .await
-                    .map_err(|e| ReplicationError::Connect(format!("{host}:{port}: {e}")))?;
+                    .map_err(|e| unreachable(format!("{host}:{port}"), e))?;
                 let _ = tcp.set_nodelay(true);
-                Box::new(tcp)
+                let stream = tls::negotiate(tcp, encryption, connector.as_ref()).await?;
+                let (binding, over_tls) = (stream.tls_server_end_point(), stream.is_tls());
+                (Box::new(stream), binding, over_tls)
             }
-            Some(Host::Unix(dir)) => {
+            Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
-                Box::new(
-                    UnixStream::connect(&path)
-                        .await
-                        .map_err(|e| ReplicationError::Connect(format!("{}: {e}", path.display())))?,
-                )
-            }
-            None => {
-                return Err(ReplicationError::Connect(
-                    "no host in the connection settings".to_owned(),
-                ));
+                let unix = UnixStream::connect(&path)
+                    .await
+                    .map_err(|e| unreachable(path.display().to_string(), e))?;
+                // libpq speaks no TLS over a Unix socket, whatever sslmode says.
+                (Box::new(unix), None, false)
             }
         };
         let mut connection = ReplicationConnection {
             stream,
             read: BytesMut::with_capacity(8192),
             server_version: String::new(),
+            backend_pid: None,
+            tls: connector.filter(|_| over_tls),
         };
-        let database = config.get_dbname().unwrap_or(user);
+        let user = source.user();
+        let mut parameters = vec![
+            ("user", user),
+            ("database", source.database_name()),
+            ("replication", "database"),
+            ("application_name", application_name),
+            ("client_encoding", "UTF8"),
+        ];
+        if let Some(options) = source.options() {
+            parameters.push(("options", options));
+        }
         let mut buf = BytesMut::new();
-        frontend::startup_message(
-            [
-                ("user", user),
-                ("database", database),
-                ("replication", "database"),
-                ("application_name", application_name),
-                ("client_encoding", "UTF8"),
-            ],
-            &mut buf,
-        )
-        .map_err(|e| ReplicationError::Protocol(e.to_string()))?;
-        connection.send(&buf).await?;
-        connection.authenticate(user, config.get_password()).await?;
+        frontend::startup_message(parameters, &mut buf)
+            .map_err(|e| Failure::new(FailureKind::Protocol, e.to_string()))?;
+        let as_failure = |e: ReplicationError| match e {
+            ReplicationError::Server {
+                code,
+                message,
+                detail,
+                hint,
+            } => Failure::server(&message, &code, detail.as_deref(), hint.as_deref()),
+            ReplicationError::Closed => Failure::new(
+                FailureKind::Unreachable,
+                "the server closed the connection before authentication completed",
+            ),
+            ReplicationError::Protocol(p) => Failure::new(FailureKind::Protocol, p),
+            ReplicationError::Io(text) => Failure::new(FailureKind::Tls, text),
+            other => Failure::new(FailureKind::Refused, other.to_string()),
+        };
+        connection.send(&buf).await.map_err(as_failure)?;
+        let channel_binding = binding.filter(|_| source.ssl().channel_binding() != ChannelBindingMode::Disable);
+        connection
+            .authenticate(
+                user,
+                source.password().map(str::as_bytes),
+                channel_binding,
+                source.ssl().channel_binding() == ChannelBindingMode::Require,
+            )
+            .await
+            .and_then(|outcome| outcome.map_err(as_failure))
+            // The server declined TLS and then refused: plain text again
+            // (prefer's second attempt) would only repeat that.
+            .map_err(|failure| match encryption {
+                Encryption::IfOffered if !over_tls => failure.last_attempt(),
+                _ => failure,
+            })?;
         Ok(connection)
     }
 
-    async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> Result<(), ReplicationError> {
-        let need_password = || ReplicationError::Auth("the server asks for a password and none is set".to_owned());
-        let mut scram: Option<ScramSha256> = None;
+    /// The authentication exchange. The outer error is a refusal decided
+    /// here (no password, no channel binding); the inner one what the
+    /// server or the connection did.
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        password: Option<&[u8]>,
+        channel_binding: Option<Vec<u8>>,
+        binding_required: bool,
+    ) -> Result<Result<(), ReplicationError>, Failure> {
+        let refused = |reason: &str| Failure::new(FailureKind::Refused, reason.to_owned());
+        let need_password = || refused("the server asks for a password and none is set");
+        let unbound = || refused("channel_binding=require, and the server authenticated without SCRAM-SHA-256-PLUS");
+        let protocol = |e: std::io::Error| ReplicationError::Protocol(e.to_string());
+        let mut scram: Option<(ScramSha256, bool)> = None;
         loop {
             let mut buf = BytesMut::new();
-            match self.receive().await? {
-                Message::AuthenticationOk => {}
+            let message = match self.receive().await {
+                Ok(message) => message,
+                Err(e) => return Ok(Err(e)),
+            };
+            let sent = match message {
+                Message::AuthenticationOk => {
+                    if binding_required && !scram.as_ref().is_some_and(|(_, bound)| *bound) {
+                        return Err(unbound());
+                    }
+                    continue;
+                }
                 Message::AuthenticationCleartextPassword => {
-                    frontend::password_message(password.ok_or_else(need_password)?, &mut buf)
-                        .map_err(|e| ReplicationError::Protocol(e.to_string()))?;
-                    self.send(&buf).await?;
+                    if binding_required {
+                        return Err(unbound());
+                    }
+                    frontend::password_message(password.ok_or_else(need_password)?, &mut buf).map_err(protocol)
                 }
                 Message::AuthenticationMd5Password(body) => {
+                    if binding_required {
+                        return Err(unbound());
+                    }
                     let hashed = md5_hash(user.as_bytes(), password.ok_or_else(need_password)?, body.salt());
-                    frontend::password_message(hashed.as_bytes(), &mut buf)
-                        .map_err(|e| ReplicationError::Protocol(e.to_string()))?;
-                    self.send(&buf).await?;
+                    frontend::password_message(hashed.as_bytes(), &mut buf).map_err(protocol)
                 }
                 Message::AuthenticationSasl(body) => {
-                    let mechanisms: Vec<String> = body
-                        .mechanisms()
-                        .map(|m| Ok(m.to_owned()))
-                        .collect()
-                        .map_err(|e| ReplicationError::Protocol(e.to_string()))?;
-                    if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
-                        return Err(ReplicationError::Auth(format!(
-                            "the server offers only {mechanisms:?}; walbridge speaks {SCRAM_SHA_256}"
-                        )));
+                    let mechanisms: Vec<String> = match body.mechanisms().map(|m| Ok(m.to_owned())).collect() {
+                        Ok(m) => m,
+                        Err(e) => return Ok(Err(protocol(e))),
+                    };
+                    let offers = |name: &str| mechanisms.iter().any(|m| m == name);
+                    // As tokio-postgres chooses: bind when both sides can;
+                    // tell a server that offers no binding whether we could.
+                    let (binding, mechanism) = match (&channel_binding, offers(SCRAM_SHA_256_PLUS)) {
+                        (Some(hash), true) => (ChannelBinding::tls_server_end_point(hash.clone()), SCRAM_SHA_256_PLUS),
+                        (Some(_), false) if offers(SCRAM_SHA_256) => (ChannelBinding::unrequested(), SCRAM_SHA_256),
+                        (None, _) if offers(SCRAM_SHA_256) => (ChannelBinding::unsupported(), SCRAM_SHA_256),
+                        _ => {
+                            return Err(refused(&format!(
+                                "the server offers only {mechanisms:?}; walbridge speaks {SCRAM_SHA_256}"
+                            )));
+                        }
+                    };
+                    let bound = mechanism == SCRAM_SHA_256_PLUS;
+                    if binding_required && !bound {
+                        return Err(unbound());
                     }
-                    let state = ScramSha256::new(password.ok_or_else(need_password)?, ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, state.message(), &mut buf)
-                        .map_err(|e| ReplicationError::Protocol(e.to_string()))?;
-                    self.send(&buf).await?;
-                    scram = Some(state);
+                    let state = ScramSha256::new(password.ok_or_else(need_password)?, binding);
+                    let sent = frontend::sasl_initial_response(mechanism, state.message(), &mut buf).map_err(protocol);
+                    scram = Some((state, bound));
+                    sent
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let state = scram
-                        .as_mut()
-                        .ok_or_else(|| ReplicationError::Protocol("SASL continue before SASL start".to_owned()))?;
-                    state
-                        .update(body.data())
-                        .map_err(|e| ReplicationError::Auth(format!("SCRAM: {e}")))?;
-                    frontend::sasl_response(state.message(), &mut buf)
-                        .map_err(|e| ReplicationError::Protocol(e.to_string()))?;
-                    self.send(&buf).await?;
+                    let Some((state, _)) = scram.as_mut() else {
+                        return Ok(Err(ReplicationError::Protocol(
+                            "SASL continue before SASL start".to_owned(),
+                        )));
+                    };
+                    state.update(body.data()).map_err(|e| refused(&format!("SCRAM: {e}")))?;
+                    frontend::sasl_response(state.message(), &mut buf).map_err(protocol)
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let state = scram
-                        .as_mut()
-                        .ok_or_else(|| ReplicationError::Protocol("SASL final before SASL start".to_owned()))?;
+                    let Some((state, _)) = scram.as_mut() else {
+                        return Ok(Err(ReplicationError::Protocol(
+                            "SASL final before SASL start".to_owned(),
+                        )));
+                    };
                     state
                         .finish(body.data())
-                        .map_err(|e| ReplicationError::Auth(format!("SCRAM: the server's proof is wrong: {e}")))?;
+                        .map_err(|e| refused(&format!("SCRAM: the server's proof is wrong: {e}")))?;
+                    continue;
                 }
                 Message::ParameterStatus(body) => {
                     if body.name().ok() == Some("server_version") {
                         self.server_version = body.value().unwrap_or_default().to_owned();
                     }
+                    continue;
                 }
-                Message::BackendKeyData(_) | Message::NoticeResponse(_) => {}
-                Message::ReadyForQuery(_) => return Ok(()),
-                Message::ErrorResponse(body) => {
-                    let error = server_error(&body);
-                    // 28P01 / 28000: authentication or authorization refused.
-                    return Err(match &error {
-                        ReplicationError::Server { code, .. } if code.starts_with("28") => {
-                            ReplicationError::Auth(error.to_string())
-                        }
-                        _ => error,
-                    });
+                Message::BackendKeyData(body) => {
+                    self.backend_pid = Some(body.process_id());
+                    continue;
                 }
-                other => return Err(unexpected(&other)),
+                Message::NoticeResponse(_) => continue,
+                Message::ReadyForQuery(_) => return Ok(Ok(())),
+                Message::ErrorResponse(body) => return Ok(Err(server_error(&body))),
+                other => return Ok(Err(unexpected(&other))),
+            };
+            if let Err(e) = sent {
+                return Ok(Err(e));
+            }
+            if let Err(e) = self.send(&buf).await {
+                return Ok(Err(e));
             }
         }
+    }
+
+    /// The server process serving this connection (its walsender), as
+    /// `pg_stat_replication.pid` and `pg_stat_ssl.pid` show it.
+    pub fn backend_pid(&self) -> Option<i32> {
+        self.backend_pid
     }
 
     /// `server_version_num` computed from the `server_version` the server
@@ -350,8 +438,25 @@ impl ReplicationConnection {
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), ReplicationError> {
-        self.stream.write_all(bytes).await.map_err(|e| io_error(&e))?;
-        self.stream.flush().await.map_err(|e| io_error(&e))
+        self.stream.write_all(bytes).await.map_err(|e| self.io_error(&e))?;
+        let flushed = self.stream.flush().await;
+        flushed.map_err(|e| self.io_error(&e))
+    }
+
+    /// An I/O error in words: over TLS, a server's alert (a refused client
+    /// certificate arrives after the handshake with TLS 1.3).
+    fn io_error(&self, error: &std::io::Error) -> ReplicationError {
+        if let Some(connector) = &self.tls
+            && tls::rustls_error(error).is_some()
+        {
+            return ReplicationError::Io(connector.describe_io(error));
+        }
+        match error.kind() {
+            std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe => ReplicationError::Closed,
+            _ => ReplicationError::Io(error.to_string()),
+        }
     }
 
     async fn receive(&mut self) -> Result<Message, ReplicationError> {
@@ -361,20 +466,12 @@ impl ReplicationConnection {
             {
                 return Ok(message);
             }
-            let n = self.stream.read_buf(&mut self.read).await.map_err(|e| io_error(&e))?;
+            let read = self.stream.read_buf(&mut self.read).await;
+            let n = read.map_err(|e| self.io_error(&e))?;
             if n == 0 {
                 return Err(ReplicationError::Closed);
             }
         }
-    }
-}
-
-fn io_error(error: &std::io::Error) -> ReplicationError {
-    match error.kind() {
-        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
-            ReplicationError::Closed
-        }
-        _ => ReplicationError::Connect(error.to_string()),
     }
 }
 

@@ -100,7 +100,7 @@ impl Agent {
             .source
             .connect(APPLICATION_NAME)
             .await
-            .map_err(|e| Status::unavailable(format!("cannot reach the source (source.url): {}", describe(&e))))
+            .map_err(|e| Status::unavailable(e.to_string()))
     }
 }
 
@@ -133,7 +133,7 @@ impl AgentService for Agent {
             let tables: Vec<QualifiedName> = request.tables.into_iter().map(name_from_wire).collect();
             let scope = preflight::SourceScope {
                 tables: (!tables.is_empty()).then_some(tables),
-                connected_port: self.state.source.config().get_ports().first().copied(),
+                connected_port: Some(self.state.source.port()),
                 long_transaction_after: LONG_TRANSACTION,
             };
             let (mut findings, facts) = preflight::check_source(&client, &scope)
@@ -336,7 +336,7 @@ impl AgentService for Agent {
             crate::snapshot::drop_replication(&self.state.source, &request.slot, &request.publication)
                 .instrument(span)
                 .await
-                .map_err(|e| Status::internal(format!("cannot drop {}: {}", request.slot, describe(&e))))?;
+                .map_err(|e| Status::internal(format!("cannot drop {}: {e}", request.slot)))?;
         if dropped_slot || dropped_publication {
             tracing::info!(slot = %request.slot, dropped_slot, dropped_publication, "dropped replication objects");
         }

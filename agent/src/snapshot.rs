@@ -90,7 +90,7 @@ impl Snapshots {
             })?;
         drop(client);
 
-        let mut connection = ReplicationConnection::connect(source.config(), APPLICATION_NAME)
+        let mut connection = ReplicationConnection::connect(source, APPLICATION_NAME)
             .await
             .map_err(|source| SnapshotError::Slot {
                 slot: slot.to_owned(),
@@ -180,7 +180,7 @@ pub async fn drop_replication(
     source: &Database,
     slot: &str,
     publication: &str,
-) -> Result<(bool, bool), tokio_postgres::Error> {
+) -> Result<(bool, bool), walbridge_daemon::pg::SessionError> {
     let client = source.connect(APPLICATION_NAME).await?;
     // A slot whose holder has just closed may still show as active while
     // its walsender exits: give it a bounded moment.

@@ -1,7 +1,7 @@
 //! What the agent can see of the source database, asked fresh each time:
 //! a probe opens its own short session, so an idle agent holds no backend.
 
-use walbridge_daemon::pg::{Database, describe};
+use walbridge_daemon::pg::{Database, SessionError};
 
 pub const APPLICATION_NAME: &str = "walbridge-agent";
 
@@ -22,14 +22,14 @@ pub async fn probe(source: &Database) -> SourceStatus {
     match try_probe(source).await {
         Ok(status) => status,
         Err(e) => SourceStatus {
-            unreachable: Some(describe(&e)),
+            unreachable: Some(e.to_string()),
             database: source.database_name().to_owned(),
             ..SourceStatus::default()
         },
     }
 }
 
-async fn try_probe(source: &Database) -> Result<SourceStatus, tokio_postgres::Error> {
+async fn try_probe(source: &Database) -> Result<SourceStatus, SessionError> {
     let client = source.connect(APPLICATION_NAME).await?;
     let row = client
         .query_one(

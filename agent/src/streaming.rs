@@ -4,6 +4,7 @@
 
 use tokio_postgres::Client;
 use walbridge_daemon::pg::Database;
+use walbridge_daemon::pg::ssl::RootCert;
 use walbridge_migration::ident::QualifiedName;
 use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
@@ -71,6 +72,7 @@ pub fn subscription_connection(
     server_version_num: u32,
     credentials: Credentials,
 ) -> wire::SubscriptionConnectionResponse {
+    let ssl = source.ssl();
     wire::SubscriptionConnectionResponse {
         host: source.libpq_host().unwrap_or_default(),
         port: source.endpoint().map_or(0, |(_, port)| u32::from(port)),
@@ -79,6 +81,14 @@ pub fn subscription_connection(
         dbname: source.database_name().to_owned(),
         server_version_num,
         role_created: credentials.created,
-        ..Default::default()
+        sslmode: ssl.mode().as_str().to_owned(),
+        // A file names a path on the agent's host, which the target's
+        // server does not have; `system` means the same everywhere.
+        sslrootcert: match ssl.root_cert() {
+            Some(RootCert::System(_)) => "system".to_owned(),
+            _ => String::new(),
+        },
+        sslnegotiation: ssl.negotiation().as_str().to_owned(),
+        sslsni: if ssl.sni() { "1" } else { "0" }.to_owned(),
     }
 }

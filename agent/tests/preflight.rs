@@ -199,7 +199,7 @@ async fn no_free_slot_no_free_sender_and_a_short_sender_timeout_are_found() {
         .start();
     // The only WAL sender, taken by a replication connection held open.
     let mut sender = walbridge_agent::replication::ReplicationConnection::connect(
-        &std::str::FromStr::from_str(&cluster.url("postgres")).unwrap(),
+        &walbridge_daemon::pg::Database::parse("source.url", &cluster.url("postgres")).unwrap(),
         "holder",
     )
     .await

@@ -1,17 +1,17 @@
 //! The replication-protocol connection against a real server: SCRAM,
 //! the exported snapshot's lifetime, slot creation and dropping.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use harness::Cluster;
 use tokio_postgres::NoTls;
 use walbridge_agent::replication::{ReplicationConnection, ReplicationError};
+use walbridge_daemon::pg::Database;
 
 const APP: &str = "walbridge-replication-test";
 
-fn config(cluster: &Cluster) -> tokio_postgres::Config {
-    tokio_postgres::Config::from_str(&cluster.url("postgres")).unwrap()
+fn config(cluster: &Cluster) -> Database {
+    Database::parse("source.url", &cluster.url("postgres")).unwrap()
 }
 
 async fn sql(cluster: &Cluster) -> tokio_postgres::Client {
@@ -37,8 +37,10 @@ async fn connects_with_scram_and_identifies_the_system() {
 #[tokio::test]
 async fn a_wrong_password_is_an_auth_error_that_does_not_repeat_it() {
     let cluster = Cluster::builder("repl").logical().start();
-    let mut config = config(&cluster);
-    config.password("not-the-password-42");
+    let url = cluster
+        .url("postgres")
+        .replace(cluster.password(), "not-the-password-42");
+    let config = Database::parse("source.url", &url).unwrap();
     let error = ReplicationConnection::connect(&config, APP).await.unwrap_err();
     assert!(matches!(error, ReplicationError::Auth(_)), "{error:?}");
     assert!(!error.to_string().contains("not-the-password-42"), "{error}");

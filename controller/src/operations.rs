@@ -93,7 +93,7 @@ pub async fn preflight(
     let client = target
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the target (target.url): {}", describe(&e))))?;
+        .map_err(|e| Status::unavailable(e.to_string()))?;
     findings.extend(
         crate::preflight::check_target(&client, &facts)
             .await

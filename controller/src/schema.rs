@@ -142,7 +142,7 @@ pub async fn connect(target: &Database) -> Result<tokio_postgres::Client, StepEr
     let client = target
         .connect(APPLICATION_NAME)
         .await
-        .map_err(|e| StepError::Failed(format!("cannot reach the target (target.url): {}", describe(&e))))?;
+        .map_err(|e| StepError::Failed(e.to_string()))?;
     // pg_dump's scripts assume these.
     client
         .batch_execute(

@@ -39,10 +39,7 @@ impl State {
 /// One session on the target; pass it to the functions below so a caller
 /// that polls (cutover, status) does not connect per question.
 pub async fn session(target: &Database) -> Result<Client, String> {
-    target
-        .connect(APPLICATION_NAME)
-        .await
-        .map_err(|e| format!("cannot connect to the target: {}", describe(&e)))
+    target.connect(APPLICATION_NAME).await.map_err(|e| e.to_string())
 }
 
 /// How the target's libpq reaches the source.
@@ -130,11 +127,9 @@ pub fn conninfo(
     if source.sslsni == "0" && target_version >= 140000 {
         params.push(("sslsni", "0".to_owned()));
     }
-    Ok(params
-        .iter()
-        .map(|(key, value)| format!("{key}={}", conninfo_value(value)))
-        .collect::<Vec<_>>()
-        .join(" "))
+    Ok(walbridge_daemon::pg::conninfo::render(
+        params.iter().map(|(key, value)| (*key, value.as_str())),
+    ))
 }
 
 /// libpq's `hostaddr` takes only a numeric address.
@@ -147,11 +142,6 @@ fn resolve(host: &str, port: u16) -> Result<String, String> {
         .next()
         .map(|address| address.ip().to_string())
         .ok_or_else(|| format!("tunnel.advertise: {host} resolves to no address"))
-}
-
-/// A libpq connection-string value, quoted.
-fn conninfo_value(value: &str) -> String {
-    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// Creates the subscription unless it exists; returns its oid.
@@ -354,4 +344,57 @@ pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Removed, 
         }
     }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source() -> wire::SubscriptionConnectionResponse {
+        wire::SubscriptionConnectionResponse {
+            host: "db.internal".into(),
+            port: 5432,
+            user: "walbridge_1".into(),
+            password: "p'w".into(),
+            dbname: "app".into(),
+            server_version_num: 150000,
+            role_created: true,
+            sslmode: "verify-full".into(),
+            sslrootcert: "system".into(),
+            sslnegotiation: "direct".into(),
+            sslsni: "1".into(),
+        }
+    }
+
+    #[test]
+    fn through_the_tunnel_libpq_checks_the_sources_name_and_connects_to_the_tunnel() {
+        let tunnel = Route::Tunnel {
+            host: "10.1.2.3".into(),
+            port: 7401,
+        };
+        let text = conninfo(&source(), &tunnel, &SubscriptionTls::default(), 170000).unwrap();
+        assert_eq!(
+            text,
+            "host='db.internal' hostaddr='10.1.2.3' port='7401' dbname='app' user='walbridge_1' password='p\\'w' \
+             sslmode='verify-full' sslrootcert='system' sslnegotiation='direct'"
+        );
+        let direct = conninfo(&source(), &Route::Direct, &SubscriptionTls::default(), 170000).unwrap();
+        assert!(direct.starts_with("host='db.internal' port='5432' "), "{direct}");
+    }
+
+    #[test]
+    fn the_controllers_settings_win_and_older_targets_get_only_what_their_libpq_knows() {
+        let tls = SubscriptionTls {
+            sslmode: "verify-ca".into(),
+            sslrootcert: "/etc/target/source-ca.pem".into(),
+        };
+        let text = conninfo(&source(), &Route::Direct, &tls, 150000).unwrap();
+        assert!(
+            text.contains("sslmode='verify-ca' sslrootcert='/etc/target/source-ca.pem'"),
+            "{text}"
+        );
+        assert!(!text.contains("sslnegotiation"), "libpq 15 rejects it: {text}");
+        let refused = conninfo(&source(), &Route::Direct, &SubscriptionTls::default(), 150000).unwrap_err();
+        assert!(refused.contains("subscription.sslrootcert"), "{refused}");
+    }
 }

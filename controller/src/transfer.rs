@@ -22,10 +22,7 @@ pub fn decompress(chunk: &wire::DataChunk) -> Result<Vec<u8>, String> {
 }
 
 async fn session(target: &Database) -> Result<tokio_postgres::Client, String> {
-    let client = target
-        .connect(APPLICATION_NAME)
-        .await
-        .map_err(|e| format!("cannot reach the target (target.url): {}", describe(&e)))?;
+    let client = target.connect(APPLICATION_NAME).await.map_err(|e| e.to_string())?;
     client
         .batch_execute(SESSION_SETTINGS)
         .await

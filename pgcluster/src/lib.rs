@@ -3,6 +3,11 @@
 //! password (SCRAM) authentication, stopped when dropped. A cluster dropped while its test panics keeps its
 //! folder and prints its log.
 //!
+//! A cluster can be made to speak only TLS ([`ClusterBuilder::ssl_only`],
+//! with a server certificate from a [`TestCa`]), optionally demanding a
+//! client certificate, TLS and plain text alike ([`ClusterBuilder::ssl`]),
+//! or only plain text ([`ClusterBuilder::plain_only`]).
+//!
 //! Any major version's bin folder works (10 onwards): the cluster is
 //! configured only through postgresql.conf and flags every version has.
 //! PostgreSQL refuses to run as root, so as root the server runs as the
@@ -24,6 +29,9 @@ use std::sync::OnceLock;
 
 use tempfile::TempDir;
 
+mod certs;
+
+pub use certs::{ClientCert, ServerCert, TestCa};
 pub use fetch::{FetchError, PgCache};
 
 /// A PostgreSQL installation: its bin folder.
@@ -185,9 +193,86 @@ pub struct ClusterBuilder {
     install: Option<PgInstall>,
     settings: Vec<(String, String)>,
     netns: Option<String>,
+    transport: Transport,
+}
+
+/// What the server speaks on TCP.
+#[derive(Debug, Clone)]
+enum Transport {
+    /// The server's defaults (no TLS configured).
+    Default,
+    /// TLS with this certificate: `hostssl` lines only when `only`, and
+    /// a client certificate from `client_ca` when one is set.
+    Ssl {
+        cert: ServerCert,
+        only: bool,
+        client_ca: Option<ClientCa>,
+    },
+    /// Plain text only: `ssl = off`.
+    PlainOnly,
+}
+
+/// The CA client certificates must chain to, and the harness's own
+/// client certificate from it (for its psql).
+#[derive(Debug, Clone)]
+struct ClientCa {
+    ca_pem: String,
+    harness_cert_pem: String,
+    harness_key_pem: String,
 }
 
 impl ClusterBuilder {
+    /// TLS only, with this server certificate: `ssl = on` and a pg_hba of
+    /// `hostssl ... scram-sha-256` lines (replication included), so a
+    /// plain-text connection is refused. The harness's psql connects with
+    /// `sslmode=require`; [`Cluster::ca_cert_path`] is the issuing CA.
+    pub fn ssl_only(self, cert: ServerCert) -> Self {
+        self.with_ssl(cert, true)
+    }
+
+    /// TLS with this server certificate for whoever asks, plain text for
+    /// whoever does not (`ssl = on`, `host` lines).
+    pub fn ssl(self, cert: ServerCert) -> Self {
+        self.with_ssl(cert, false)
+    }
+
+    fn with_ssl(mut self, cert: ServerCert, only: bool) -> Self {
+        let client_ca = match self.transport {
+            Transport::Ssl { client_ca, .. } => client_ca,
+            _ => None,
+        };
+        self.transport = Transport::Ssl { cert, only, client_ca };
+        self
+    }
+
+    /// With [`ClusterBuilder::ssl_only`]: every TCP connection must also
+    /// present a client certificate signed by `ca`
+    /// (`hostssl ... scram-sha-256 clientcert=verify-ca`).
+    pub fn client_certificates(mut self, ca: &TestCa) -> Self {
+        let harness = ca.client("postgres");
+        let read = |path: &Path| std::fs::read_to_string(path).expect("a client certificate file");
+        let client_ca = ClientCa {
+            ca_pem: ca.cert_pem().to_owned(),
+            harness_cert_pem: read(&harness.cert_path),
+            harness_key_pem: read(&harness.key_path),
+        };
+        match &mut self.transport {
+            Transport::Ssl {
+                client_ca: slot,
+                only: true,
+                ..
+            } => *slot = Some(client_ca),
+            _ => panic!("client_certificates needs ssl_only first"),
+        }
+        self
+    }
+
+    /// Plain text only (`ssl = off`): a client asking for TLS is told no.
+    pub fn plain_only(mut self) -> Self {
+        self.transport = Transport::PlainOnly;
+        self
+    }
+
     /// Runs the server inside this network namespace (`ip netns`): its
     /// 127.0.0.1 is the namespace's own. Needs root.
     pub fn netns(mut self, namespace: &str) -> Self {
@@ -246,6 +331,7 @@ impl ClusterBuilder {
             netns: self.netns,
             port: 0,
             password,
+            tls: None,
         };
         cluster.run_server_command(
             "initdb",
@@ -274,13 +360,28 @@ impl ClusterBuilder {
         for (key, value) in &self.settings {
             conf.push_str(&format!("{key} = '{}'\n", value.replace('\'', "''")));
         }
+        match &self.transport {
+            Transport::Default => {}
+            Transport::PlainOnly => conf.push_str("ssl = off\n"),
+            Transport::Ssl { client_ca, .. } => {
+                conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+                if client_ca.is_some() {
+                    conf.push_str("ssl_ca_file = 'client-ca.crt'\n");
+                }
+            }
+        }
         append(&cluster.data_dir.join("postgresql.conf"), &conf);
-        // A `replication` line does not admit logical replication
-        // connections (they match on the database name): the `all` line does.
-        append(
-            &cluster.data_dir.join("pg_hba.conf"),
-            "\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n",
-        );
+        match &self.transport {
+            Transport::Ssl { cert, only, client_ca } => cluster.install_tls(cert, *only, client_ca.as_ref()),
+            Transport::Default | Transport::PlainOnly => {
+                // A `replication` line does not admit logical replication
+                // connections (they match on the database name): the `all` line does.
+                append(
+                    &cluster.data_dir.join("pg_hba.conf"),
+                    "\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n",
+                );
+            }
+        }
 
         // A port found free may be taken before the server binds it: retry.
         let mut last_failure = String::new();
@@ -308,6 +409,16 @@ pub struct Cluster {
     netns: Option<String>,
     port: u16,
     password: String,
+    tls: Option<ClusterTls>,
+}
+
+/// The harness's side of an SSL-only cluster.
+#[derive(Debug)]
+struct ClusterTls {
+    /// The CA that issued the server's certificate.
+    ca_cert: PathBuf,
+    /// The harness's own client certificate and key, when one is demanded.
+    client: Option<(PathBuf, PathBuf)>,
 }
 
 impl Cluster {
@@ -317,7 +428,68 @@ impl Cluster {
             install: None,
             settings: Vec::new(),
             netns: None,
+            transport: Transport::Default,
         }
+    }
+
+    /// The PEM file of the CA that issued an SSL-only cluster's certificate,
+    /// for `sslrootcert`.
+    pub fn ca_cert_path(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|tls| tls.ca_cert.as_path())
+    }
+
+    /// [`Cluster::url`] with URL parameters added (`sslmode`, ...).
+    pub fn url_with(&self, database: &str, parameters: &[(&str, &str)]) -> String {
+        let query: Vec<String> = parameters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("{}?{}", self.url(database), query.join("&"))
+    }
+
+    /// Writes the server's certificate and key (0600, the server's user's),
+    /// the client CA, and a pg_hba of `hostssl` lines only (`host` lines
+    /// unless `only`).
+    fn install_tls(&mut self, cert: &ServerCert, only: bool, client_ca: Option<&ClientCa>) {
+        let own = |path: &Path| {
+            if let Some(user) = self.user {
+                nix::unistd::chown(path, Some(user.uid.into()), Some(user.gid.into())).expect("chown");
+            }
+        };
+        let server_cert = self.data_dir.join("server.crt");
+        std::fs::write(&server_cert, &cert.cert_pem).expect("server certificate written");
+        own(&server_cert);
+        let server_key = self.data_dir.join("server.key");
+        certs::write_private(&server_key, &cert.key_pem);
+        own(&server_key);
+        let folder = self
+            .dir
+            .as_ref()
+            .expect("a new cluster has its folder")
+            .path()
+            .to_owned();
+        let ca_cert = folder.join("root.crt");
+        std::fs::write(&ca_cert, &cert.ca_pem).expect("CA certificate written");
+        let mut client = None;
+        let mut clientcert = "";
+        if let Some(client_ca) = client_ca {
+            let path = self.data_dir.join("client-ca.crt");
+            std::fs::write(&path, &client_ca.ca_pem).expect("client CA written");
+            own(&path);
+            let (cert_path, key_path) = (folder.join("harness.crt"), folder.join("harness.key"));
+            std::fs::write(&cert_path, &client_ca.harness_cert_pem).expect("harness certificate written");
+            certs::write_private(&key_path, &client_ca.harness_key_pem);
+            client = Some((cert_path, key_path));
+            clientcert = " clientcert=verify-ca";
+        }
+        // Replaces initdb's `host` lines: nothing but TLS over TCP.
+        let kind = if only { "hostssl" } else { "host" };
+        std::fs::write(
+            self.data_dir.join("pg_hba.conf"),
+            format!(
+                "local all all trust\n{kind} all all 127.0.0.1/32 scram-sha-256{clientcert}\n\
+                 {kind} replication all 127.0.0.1/32 scram-sha-256{clientcert}\n"
+            ),
+        )
+        .expect("pg_hba.conf written");
+        self.tls = Some(ClusterTls { ca_cert, client });
     }
 
     pub fn name(&self) -> &str {
@@ -407,6 +579,7 @@ impl Cluster {
             ])
             .env("PGPASSWORD", &self.password)
             .env("PGCONNECT_TIMEOUT", "10")
+            .envs(self.psql_tls_environment())
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("cannot run psql: {e}"))?;
@@ -415,6 +588,19 @@ impl Cluster {
         } else {
             Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
         }
+    }
+
+    /// What the harness's psql needs to reach an SSL-only cluster.
+    fn psql_tls_environment(&self) -> Vec<(&'static str, String)> {
+        let Some(tls) = &self.tls else {
+            return Vec::new();
+        };
+        let mut env = vec![("PGSSLMODE", "require".to_owned())];
+        if let Some((cert, key)) = &tls.client {
+            env.push(("PGSSLCERT", cert.display().to_string()));
+            env.push(("PGSSLKEY", key.display().to_string()));
+        }
+        env
     }
 
     pub fn create_database(&self, name: &str) {
@@ -609,6 +795,109 @@ mod tests {
             .output()
             .unwrap();
         assert!(!out.status.success(), "a wrong password must be refused");
+    }
+
+    /// psql with `extra` environment against `cluster`; its stderr on failure.
+    fn psql_with(cluster: &Cluster, extra: &[(&str, &str)]) -> Result<String, String> {
+        let out = cluster
+            .install
+            .psql()
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &cluster.port().to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args([
+                "-d",
+                "postgres",
+                "-c",
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            ])
+            .env("PGPASSWORD", cluster.password())
+            .envs(extra.iter().copied())
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        }
+    }
+
+    #[test]
+    fn an_ssl_only_cluster_refuses_plain_text_and_its_psql_speaks_tls() {
+        let ca = TestCa::new("unit");
+        let cluster = Cluster::builder("ssl")
+            .ssl_only(ca.server(&["localhost", "127.0.0.1"]))
+            .start();
+        assert_eq!(
+            cluster.psql("postgres", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"),
+            "t"
+        );
+        let plain = psql_with(&cluster, &[("PGSSLMODE", "disable")]).unwrap_err();
+        assert!(plain.contains("no pg_hba.conf entry"), "{plain}");
+        let ca_path = cluster.ca_cert_path().unwrap().to_str().unwrap().to_owned();
+        assert_eq!(
+            psql_with(&cluster, &[("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", &ca_path)]).unwrap(),
+            "t",
+            "the server's certificate is the CA's, for 127.0.0.1"
+        );
+        let key = cluster.data_dir().join("server.key");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_plain_only_cluster_declines_tls() {
+        let cluster = Cluster::builder("plain").plain_only().start();
+        assert_eq!(psql_with(&cluster, &[("PGSSLMODE", "prefer")]).unwrap(), "f");
+        let refused = psql_with(&cluster, &[("PGSSLMODE", "require")]).unwrap_err();
+        assert!(refused.contains("does not support SSL"), "{refused}");
+    }
+
+    #[test]
+    fn a_client_certificate_cluster_demands_one_from_its_ca() {
+        let server_ca = TestCa::new("server");
+        let client_ca = TestCa::new("clients");
+        let cluster = Cluster::builder("clientcert")
+            .ssl_only(server_ca.server(&["127.0.0.1"]))
+            .client_certificates(&client_ca)
+            .start();
+        assert_eq!(
+            cluster.psql("postgres", "SELECT 1"),
+            "1",
+            "the harness has its own certificate"
+        );
+        let without = psql_with(&cluster, &[("PGSSLMODE", "require")]).unwrap_err();
+        assert!(without.contains("certificate"), "{without}");
+        let client = client_ca.client("postgres");
+        let (cert, key) = (client.cert_path.to_str().unwrap(), client.key_path.to_str().unwrap());
+        assert_eq!(
+            psql_with(
+                &cluster,
+                &[("PGSSLMODE", "require"), ("PGSSLCERT", cert), ("PGSSLKEY", key)]
+            )
+            .unwrap(),
+            "t"
+        );
+        let stranger = server_ca.client("postgres");
+        let (cert, key) = (
+            stranger.cert_path.to_str().unwrap(),
+            stranger.key_path.to_str().unwrap(),
+        );
+        assert!(
+            psql_with(
+                &cluster,
+                &[("PGSSLMODE", "require"), ("PGSSLCERT", cert), ("PGSSLKEY", key)]
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -8,4 +8,4 @@ pub mod daemons;
 /// Throwaway PostgreSQL clusters (shared with `walbridge demo`).
 pub use walbridge_pgcluster as cluster;
 
-pub use cluster::{Cluster, ClusterBuilder, PgInstall};
+pub use cluster::{ClientCert, Cluster, ClusterBuilder, PgInstall, ServerCert, TestCa};
