@@ -111,7 +111,8 @@ pub async fn copy_table(
     }
 }
 
-/// Streams `pg_dump --schema-only --section=<section>` in the snapshot.
+/// Streams `pg_dump --schema-only --section=<section>` in the snapshot
+/// (in a snapshot of pg_dump's own when `snapshot` is empty).
 pub async fn dump_schema(
     source: Database,
     pg_dump: String,
@@ -131,7 +132,7 @@ pub async fn dump_schema(
                 "--no-subscriptions",
             ])
             .arg(format!("--section={section}"))
-            .arg(format!("--snapshot={snapshot}"))
+            .args((!snapshot.is_empty()).then(|| format!("--snapshot={snapshot}")))
             .envs(source.libpq_environment(APPLICATION_NAME))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

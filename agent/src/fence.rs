@@ -21,8 +21,10 @@ use wire::fence_event::Event;
 use walbridge_daemon::pg::describe;
 
 pub const APPLICATION_NAME: &str = "walbridge-agent-fence";
-const SCHEMA: &str = "walbridge_fence";
-const TRIGGER: &str = "walbridge_fence";
+/// The schema that holds the fence's trigger function.
+pub const SCHEMA: &str = "walbridge_fence";
+/// The name of the fence's trigger on each table.
+pub const TRIGGER: &str = "walbridge_fence";
 
 type Events = mpsc::Sender<Result<wire::FenceEvent, Status>>;
 

@@ -10,6 +10,7 @@
 //! * [`snapshot`]: the slot's exported snapshots, held while the copy runs.
 //! * [`copy`]: schema and table streams, checksums.
 //! * [`preflight`]: the source-side checks.
+//! * [`privileges`]: what each step asks of a role that is not a superuser.
 //! * [`replication`]: the replication-protocol connection.
 //! * [`tunnel`]: the subscription's byte streams to the source.
 //! * [`streaming`]: slot lag, sequences, the subscription's connection.
@@ -25,6 +26,7 @@ pub mod fault;
 pub mod fence;
 pub mod link;
 pub mod preflight;
+pub mod privileges;
 pub mod replication;
 pub mod service;
 pub mod snapshot;

@@ -3,14 +3,17 @@
 //! anything is created. Each finding names the object (quoted as
 //! PostgreSQL would), says why it matters and gives the fix.
 //!
-//! Catalog queries work on PostgreSQL 10 and later.
+//! Catalog queries work on PostgreSQL 10 and later. What each step asks
+//! of a role that is not a superuser is checked in [`crate::privileges`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio_postgres::Client;
-use walbridge_migration::finding::{Extension, Finding, Side, SourceFacts};
+use walbridge_migration::finding::{Extension, Finding, Side, SourceFacts, SourceSchema};
 use walbridge_migration::ident::{QualifiedName, quote_ident};
+
+use crate::privileges::{self, ScopedTable, SourceRole};
 
 /// What to check.
 #[derive(Debug, Clone)]
@@ -57,6 +60,7 @@ struct Server {
 }
 
 struct TableInfo {
+    oid: u32,
     name: QualifiedName,
     kind: String,
     parent: Option<QualifiedName>,
@@ -64,8 +68,6 @@ struct TableInfo {
     replica_identity: String,
     has_primary_key: bool,
     has_identity_index: bool,
-    row_security: bool,
-    can_select: bool,
 }
 
 pub async fn check_source(
@@ -77,8 +79,23 @@ pub async fn check_source(
     let tables = in_scope(tables(client).await?, scope);
 
     for table in &tables {
-        findings.extend(table_findings(table, &server));
+        findings.extend(table_findings(table));
     }
+    let role = SourceRole {
+        name: server.user.clone(),
+        superuser: server.superuser,
+        bypass_rls: server.bypass_rls,
+        server_version_num: server.version_num,
+    };
+    let scoped: Vec<ScopedTable> = tables
+        .iter()
+        .map(|t| ScopedTable {
+            oid: t.oid,
+            name: t.name.clone(),
+            is_partition: t.parent.is_some(),
+        })
+        .collect();
+    findings.extend(privileges::check(client, &role, &scoped).await?);
     findings.extend(other_objects(client).await?);
     findings.extend(transactions(client, scope.long_transaction_after).await?);
 
@@ -94,7 +111,9 @@ pub async fn check_source(
             version: row.get(1),
         })
         .collect();
+    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
     let facts = SourceFacts {
+        schemas: schemas(client, &oids).await?,
         server_version_num: server.version_num.max(0) as u32,
         database_size_bytes: server.database_size.max(0) as u64,
         extensions,
@@ -240,7 +259,7 @@ async fn tables(client: &Client) -> Result<Vec<TableInfo>, tokio_postgres::Error
                     c.relpersistence = 'u', c.relreplident::text, \
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident), \
-                    c.relrowsecurity, has_table_privilege(c.oid, 'SELECT') \
+                    c.oid \
              FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              LEFT JOIN pg_inherits i ON i.inhrelid = c.oid AND c.relispartition \
@@ -268,8 +287,7 @@ async fn tables(client: &Client) -> Result<Vec<TableInfo>, tokio_postgres::Error
             replica_identity: row.get(6),
             has_primary_key: row.get(7),
             has_identity_index: row.get(8),
-            row_security: row.get(9),
-            can_select: row.get(10),
+            oid: row.get(9),
         })
         .collect())
 }
@@ -293,7 +311,7 @@ fn in_scope(tables: Vec<TableInfo>, scope: &SourceScope) -> Vec<TableInfo> {
     tables.into_iter().filter(|t| wanted.contains(&root(&t.name))).collect()
 }
 
-fn table_findings(table: &TableInfo, server: &Server) -> Vec<Finding> {
+fn table_findings(table: &TableInfo) -> Vec<Finding> {
     let name = table.name.to_string();
     let mut findings = Vec::new();
     if table.kind == "p" {
@@ -328,26 +346,54 @@ fn table_findings(table: &TableInfo, server: &Server) -> Vec<Finding> {
             format!("ALTER TABLE {name} REPLICA IDENTITY FULL; -- or add a primary key"),
         ));
     }
-    if table.row_security && !server.superuser && !server.bypass_rls {
-        findings.push(error(
-            "row_level_security",
-            &name,
-            format!(
-                "row-level security applies to role {}: the copy would silently see only the rows its policies allow",
-                quote_ident(&server.user)
-            ),
-            format!("ALTER ROLE {} BYPASSRLS;", quote_ident(&server.user)),
-        ));
-    }
-    if !table.can_select {
-        findings.push(error(
-            "select_privilege",
-            &name,
-            format!("role {} may not read it", quote_ident(&server.user)),
-            format!("GRANT SELECT ON {name} TO {};", quote_ident(&server.user)),
-        ));
-    }
     findings
+}
+
+/// The schemas pg_dump writes into (an extension's own schemas left out:
+/// the extension makes them), and whether it creates each.
+async fn schemas(client: &Client, tables_in_scope: &[u32]) -> Result<Vec<SourceSchema>, tokio_postgres::Error> {
+    let not_extension_member = |catalog: &str, column: &str| {
+        format!(
+            "NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = '{catalog}'::regclass \
+             AND d.objid = {column} AND d.deptype = 'e')"
+        )
+    };
+    // Objects pg_dump dumps there: relations (tables only when in scope,
+    // sequences only when not owned by a table out of scope), functions,
+    // types of their own. Not extensions: a trusted one is installed into
+    // a schema without CREATE on it.
+    let query = format!(
+        "SELECT n.nspname::text, n.nspname <> 'public', \
+                EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid \
+                        AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f', 'c') \
+                        AND (c.relkind NOT IN ('r', 'p') OR c.oid = ANY($1)) \
+                        AND NOT EXISTS (SELECT 1 FROM pg_depend o WHERE c.relkind = 'S' \
+                                        AND o.classid = 'pg_class'::regclass AND o.objid = c.oid \
+                                        AND o.refclassid = 'pg_class'::regclass AND o.deptype IN ('a', 'i') \
+                                        AND o.refobjid <> ALL($1)) \
+                        AND {}) \
+                OR EXISTS (SELECT 1 FROM pg_proc p WHERE p.pronamespace = n.oid AND {}) \
+                OR EXISTS (SELECT 1 FROM pg_type t WHERE t.typnamespace = n.oid AND t.typtype IN ('d', 'e', 'r') AND {}) \
+         FROM pg_namespace n \
+         WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+           AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
+           AND {} \
+         ORDER BY 1",
+        not_extension_member("pg_class", "c.oid"),
+        not_extension_member("pg_proc", "p.oid"),
+        not_extension_member("pg_type", "t.oid"),
+        not_extension_member("pg_namespace", "n.oid"),
+    );
+    Ok(client
+        .query(&query, &[&tables_in_scope])
+        .await?
+        .iter()
+        .map(|row| SourceSchema {
+            name: row.get(0),
+            created_by_dump: row.get(1),
+            has_objects: row.get(2),
+        })
+        .collect())
 }
 
 async fn other_objects(client: &Client) -> Result<Vec<Finding>, tokio_postgres::Error> {

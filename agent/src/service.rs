@@ -160,6 +160,7 @@ impl AgentService for Agent {
                     })
                     .collect(),
                 tables: facts.tables.into_iter().map(name_to_wire).collect(),
+                schemas: facts.schemas.into_iter().map(wire::SourceSchema::from).collect(),
             }))
         }
         .instrument(span)

@@ -51,6 +51,8 @@ enum Command {
         #[command(flatten)]
         tables: TableArgs,
         #[command(flatten)]
+        skip: SkipArgs,
+        #[command(flatten)]
         route: RouteArgs,
         /// Print one JSON document instead of a table.
         #[arg(long)]
@@ -66,6 +68,8 @@ enum Command {
         agent: String,
         #[command(flatten)]
         tables: TableArgs,
+        #[command(flatten)]
+        skip: SkipArgs,
         /// Tables copied at once (default: the agent host's CPUs, at least 2).
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         parallel: u32,
@@ -168,6 +172,19 @@ struct TableArgs {
     exclude: Vec<String>,
 }
 
+/// Schema entries left out of the migration.
+#[derive(Debug, clap::Args)]
+struct SkipArgs {
+    /// Leave this entry of the schema dump out (repeatable), named as pg_dump's header names it:
+    /// its type, then its name, schema-qualified or not — e.g. --skip 'EVENT TRIGGER audit_ddl',
+    /// --skip 'EXTENSION pg_stat_statements', --skip 'FUNCTION public.audit()'. The type is matched
+    /// case-insensitively, the name exactly; a skip that matches nothing is an error. Preflight
+    /// names every statement the target would reject with the --skip that leaves it out.
+    /// (walbridge itself leaves out comments on extensions and on the public schema.)
+    #[arg(long, value_name = "ENTRY")]
+    skip: Vec<String>,
+}
+
 /// How the migration's changes will reach the target.
 #[derive(Debug, clap::Args)]
 struct RouteArgs {
@@ -243,23 +260,25 @@ fn main() -> ExitCode {
         Command::Preflight {
             agent,
             tables,
+            skip,
             route,
             json,
         } => with_controller(&matches, |address| async move {
-            migrate::preflight(
-                &address,
+            let options = migrate::PreflightOptions {
                 agent,
-                &tables.tables,
-                &tables.exclude,
-                route.direct,
-                route.copy_only,
+                tables: tables.tables,
+                exclude: tables.exclude,
+                skip: skip.skip,
+                direct: route.direct,
+                copy_only: route.copy_only,
                 json,
-            )
-            .await
+            };
+            migrate::preflight(&address, options).await
         }),
         Command::Start {
             agent,
             tables,
+            skip,
             parallel,
             no_verify,
             route: RouteArgs { direct, copy_only },
@@ -269,6 +288,7 @@ fn main() -> ExitCode {
                 agent,
                 tables: tables.tables,
                 exclude: tables.exclude,
+                skip: skip.skip,
                 parallel,
                 no_verify,
                 direct,

@@ -38,22 +38,26 @@ struct FindingView<'a> {
     fix: &'a str,
 }
 
-pub async fn preflight(
-    address: &ApiAddress,
-    agent: String,
-    tables: &[String],
-    exclude: &[String],
-    direct: bool,
-    copy_only: bool,
-    json: bool,
-) -> Result<(), Failure> {
+pub struct PreflightOptions {
+    pub agent: String,
+    pub tables: Vec<String>,
+    pub exclude: Vec<String>,
+    pub skip: Vec<String>,
+    pub direct: bool,
+    pub copy_only: bool,
+    pub json: bool,
+}
+
+pub async fn preflight(address: &ApiAddress, options: PreflightOptions) -> Result<(), Failure> {
+    let json = options.json;
     let mut client = connect(address).await.map_err(Failure::Operation)?;
     let findings = client
         .preflight(wire::PreflightRequest {
-            agent,
-            selection: selection(tables, exclude),
-            direct,
-            copy_only,
+            agent: options.agent,
+            selection: selection(&options.tables, &options.exclude),
+            skip: options.skip,
+            direct: options.direct,
+            copy_only: options.copy_only,
         })
         .await
         .map_err(call_failed)?
@@ -105,6 +109,7 @@ pub struct StartOptions {
     pub agent: String,
     pub tables: Vec<String>,
     pub exclude: Vec<String>,
+    pub skip: Vec<String>,
     pub parallel: u32,
     pub no_verify: bool,
     pub direct: bool,
@@ -124,6 +129,7 @@ pub async fn start(address: &ApiAddress, options: StartOptions) -> Result<(), Fa
             no_verify: options.no_verify,
             direct: options.direct,
             copy_only: options.copy_only,
+            skip: options.skip,
         })
         .await
         .map_err(call_failed)?

@@ -17,7 +17,8 @@
 //! * [`plan`]: from catalog and selection to what is copied.
 //! * [`schema`]: pg_dump's sections applied to the target.
 //! * [`transfer`]: table data into the target; checksums.
-//! * [`preflight`]: the target-side checks; [`probe`]: the proof that the
+//! * [`preflight`]: the target-side checks; [`rehearsal`]: the schema tried
+//!   on the target and rolled back; [`probe`]: the proof that the
 //!   subscription can log in to the source.
 //! * [`subscription`]: the target's subscription.
 //! * [`tunnel`]: the subscription's connections, carried to the agent;
@@ -42,6 +43,7 @@ pub mod plan;
 pub mod preflight;
 pub mod probe;
 pub mod registry;
+pub mod rehearsal;
 pub mod runner;
 pub mod schema;
 pub mod start;

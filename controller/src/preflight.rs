@@ -1,10 +1,13 @@
 //! Target-side preflight: what on the target would make the schema, the
 //! copy or the subscription fail, given what the agent learned of the
-//! source.
+//! source — for a target role that is not a superuser (a managed
+//! database's, such as PlanetScale's) as much as for one that is. The
+//! schema itself is then rehearsed on the target ([`crate::rehearsal`]).
 
 use tokio_postgres::Client;
 use walbridge_migration::finding::{Finding, Side, SourceFacts};
 use walbridge_migration::ident::quote_ident;
+use walbridge_migration::skip::skip_argument;
 
 fn error(check: &str, object: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Finding {
     Finding::error(Side::Target, check, object, message, fix)
@@ -20,7 +23,9 @@ pub async fn check_target(client: &Client, source: &SourceFacts) -> Result<Vec<F
         .query_one(
             "SELECT current_setting('server_version_num')::int4, current_user::text, r.rolsuper, \
                     current_setting('max_logical_replication_workers')::int4, \
-                    current_setting('max_replication_slots')::int4 \
+                    current_setting('max_replication_slots')::int4, \
+                    current_database()::text, has_database_privilege(current_database(), 'CREATE'), \
+                    (SELECT datdba::regrole::text FROM pg_database WHERE datname = current_database()) \
              FROM pg_roles r WHERE r.rolname = current_user",
             &[],
         )
@@ -30,6 +35,11 @@ pub async fn check_target(client: &Client, source: &SourceFacts) -> Result<Vec<F
     let superuser: bool = row.get(2);
     let workers: i32 = row.get(3);
     let slots: i32 = row.get(4);
+    let database: String = row.get(5);
+    let create_on_database: bool = row.get(6);
+    let database_owner: String = row.get(7);
+    // Why the role needs CREATE on the database, if it has it not.
+    let mut needs_create_on_database: Vec<String> = Vec::new();
     let (target_major, source_major) = (version / 10000, source.server_version_num as i32 / 10000);
 
     if target_major < source_major {
@@ -96,36 +106,37 @@ pub async fn check_target(client: &Client, source: &SourceFacts) -> Result<Vec<F
         ));
     }
 
-    let available = client
-        .query(
-            "SELECT name::text, coalesce(default_version, '') FROM pg_available_extensions",
-            &[],
+    if !superuser && version >= 160000 {
+        needs_create_on_database.push("PostgreSQL 16 and later require it for CREATE SUBSCRIPTION".to_owned());
+    }
+    findings.extend(extension_findings(client, source, superuser, version, &mut needs_create_on_database).await?);
+    findings.extend(
+        schema_findings(
+            client,
+            source,
+            superuser,
+            &database_owner,
+            &mut needs_create_on_database,
         )
-        .await?;
-    for extension in &source.extensions {
-        match available.iter().find(|row| row.get::<_, String>(0) == extension.name) {
-            None => findings.push(error(
-                "missing_extension",
-                quote_ident(&extension.name),
-                format!(
-                    "the source uses extension {} {}, which the target cannot install: objects using it will not load",
-                    extension.name, extension.version
-                ),
-                "install the extension on the target server (or ask the provider), or drop it from the source",
-            )),
-            Some(row) if row.get::<_, String>(1) != extension.version => findings.push(warning(
-                "extension_version",
-                quote_ident(&extension.name),
-                format!(
-                    "the source has version {} of {}; the target would install {}",
-                    extension.version,
-                    extension.name,
-                    row.get::<_, String>(1)
-                ),
-                format!("check {}'s release notes for differences", extension.name),
-            )),
-            Some(_) => {}
-        }
+        .await?,
+    );
+    if !create_on_database && !superuser && !needs_create_on_database.is_empty() {
+        findings.push(error(
+            "database_create_privilege",
+            quote_ident(&database),
+            format!(
+                "role {} may not create objects in database {}: {}",
+                quote_ident(&user),
+                quote_ident(&database),
+                needs_create_on_database.join("; ")
+            ),
+            format!(
+                "GRANT CREATE ON DATABASE {} TO {}; -- as {} (the database's owner) or a superuser",
+                quote_ident(&database),
+                quote_ident(&user),
+                database_owner
+            ),
+        ));
     }
 
     for table in &source.tables {
@@ -137,8 +148,13 @@ pub async fn check_target(client: &Client, source: &SourceFacts) -> Result<Vec<F
             findings.push(error(
                 "conflicting_table",
                 table.to_string(),
-                "the table already exists on the target: the copy would mix its rows with the source's",
-                format!("DROP TABLE {table}; -- on the target, or leave it out with --exclude"),
+                "the table already exists on the target: creating it would fail, and the copy would mix its rows \
+                 with the source's. It may be a leftover of an earlier attempt (walbridge never drops what it \
+                 created on the target)",
+                format!(
+                    "DROP TABLE {table} CASCADE; -- on the target, once you are sure it holds nothing you need; \
+                     or leave it out with --exclude"
+                ),
             ));
         }
     }
@@ -155,4 +171,239 @@ pub async fn check_target(client: &Client, source: &SourceFacts) -> Result<Vec<F
         "check the target's free disk space",
     ));
     Ok(findings)
+}
+
+/// Each extension the source uses: the schema's `CREATE EXTENSION IF NOT
+/// EXISTS` must find it installed on the target, or be allowed to
+/// install it: a superuser may, another role only a trusted extension
+/// (PostgreSQL 13+) and with `CREATE` on the database.
+async fn extension_findings(
+    client: &Client,
+    source: &SourceFacts,
+    superuser: bool,
+    version: i32,
+    needs_create_on_database: &mut Vec<String>,
+) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let trusted = if version >= 130000 {
+        "coalesce((SELECT v.trusted FROM pg_available_extension_versions v \
+                   WHERE v.name = a.name AND v.version = a.default_version), false)"
+    } else {
+        "false"
+    };
+    let available = client
+        .query(
+            &format!(
+                "SELECT a.name::text, coalesce(a.installed_version, ''), coalesce(a.default_version, ''), {trusted} \
+                 FROM pg_available_extensions a"
+            ),
+            &[],
+        )
+        .await?;
+    let mut findings = Vec::new();
+    let mut to_create = Vec::new();
+    for extension in &source.extensions {
+        let Some(row) = available.iter().find(|row| row.get::<_, String>(0) == extension.name) else {
+            findings.push(error(
+                "missing_extension",
+                quote_ident(&extension.name),
+                format!(
+                    "the source uses extension {} {}, which the target cannot install: objects using it will not load",
+                    extension.name, extension.version
+                ),
+                format!(
+                    "install the extension on the target server (or ask the provider), or drop it from the source, \
+                     or leave it out: walbridge start {}",
+                    extension_skip(&extension.name)
+                ),
+            ));
+            continue;
+        };
+        let (installed, default, trusted): (String, String, bool) = (row.get(1), row.get(2), row.get(3));
+        let target_version = if installed.is_empty() { &default } else { &installed };
+        if *target_version != extension.version {
+            findings.push(warning(
+                "extension_version",
+                quote_ident(&extension.name),
+                format!(
+                    "the source has version {} of {}; the target {} {target_version}",
+                    extension.version,
+                    extension.name,
+                    if installed.is_empty() { "would install" } else { "has" }
+                ),
+                format!("check {}'s release notes for differences", extension.name),
+            ));
+        }
+        if !installed.is_empty() || superuser {
+            continue;
+        }
+        if trusted {
+            to_create.push(extension.name.clone());
+        } else {
+            findings.push(error(
+                "extension_privilege",
+                quote_ident(&extension.name),
+                format!(
+                    "extension {} is not installed on the target, and only a superuser may install it there (it is \
+                     not a trusted extension{})",
+                    extension.name,
+                    if version < 130000 {
+                        "; PostgreSQL 12 and older trust none"
+                    } else {
+                        ""
+                    }
+                ),
+                format!(
+                    "CREATE EXTENSION {}; -- on the target, as a superuser or the provider's way; or, if the \
+                     application does not need it: walbridge start {}",
+                    quote_ident(&extension.name),
+                    extension_skip(&extension.name)
+                ),
+            ));
+        }
+    }
+    if !to_create.is_empty() {
+        needs_create_on_database.push(format!("it installs extension(s) {}", to_create.join(", ")));
+    }
+    Ok(findings)
+}
+
+fn extension_skip(name: &str) -> String {
+    skip_argument(&walbridge_migration::script::Entry {
+        kind: "EXTENSION".to_owned(),
+        schema: None,
+        name: name.to_owned(),
+    })
+}
+
+/// The schemas the dump writes into: one it creates must not exist yet
+/// (a leftover of an earlier attempt, most likely); one it does not
+/// create (`public`) must exist and let the role create objects in it,
+/// which `public` does not by default since PostgreSQL 15.
+async fn schema_findings(
+    client: &Client,
+    source: &SourceFacts,
+    superuser: bool,
+    database_owner: &str,
+    needs_create_on_database: &mut Vec<String>,
+) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let names: Vec<&str> = source.schemas.iter().map(|s| s.name.as_str()).collect();
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, has_schema_privilege(n.oid, 'CREATE'), n.nspowner::regrole::text \
+             FROM pg_namespace n WHERE n.nspname = ANY($1)",
+            &[&names],
+        )
+        .await?;
+    let user: String = client.query_one("SELECT current_user::text", &[]).await?.get(0);
+    let user = quote_ident(&user);
+    let mut findings = Vec::new();
+    let mut to_create = Vec::new();
+    for schema in &source.schemas {
+        let quoted = quote_ident(&schema.name);
+        let existing = rows.iter().find(|row| row.get::<_, String>(0) == schema.name);
+        match (existing, schema.created_by_dump) {
+            (Some(_), true) => findings.push(error(
+                "leftover_schema",
+                quoted.clone(),
+                format!(
+                    "schema {quoted} already exists on the target, and the schema dump creates it (CREATE SCHEMA \
+                     {quoted}), which would fail: it may be a leftover of an earlier attempt (walbridge never drops \
+                     what it created on the target)"
+                ),
+                format!("DROP SCHEMA {quoted} CASCADE; -- on the target, once you are sure it holds nothing you need"),
+            )),
+            (None, true) => to_create.push(quoted),
+            (Some(row), false) if schema.has_objects && !superuser && !row.get::<_, bool>(1) => {
+                let owner: String = row.get(2);
+                let owner = if owner == "pg_database_owner" {
+                    format!("{database_owner} (the database's owner)")
+                } else {
+                    owner
+                };
+                findings.push(error(
+                    "schema_create_privilege",
+                    quoted.clone(),
+                    format!(
+                        "role {user} may not create objects in schema {quoted}, where the schema dump creates some \
+                         (since PostgreSQL 15, only the database's owner may create in public unless granted)"
+                    ),
+                    format!("GRANT CREATE ON SCHEMA {quoted} TO {user}; -- as {owner} or a superuser"),
+                ));
+            }
+            (None, false) if schema.has_objects => findings.push(error(
+                "missing_schema",
+                quoted.clone(),
+                format!(
+                    "the schema dump creates objects in schema {quoted}, which the target lacks (pg_dump does not \
+                     create it)"
+                ),
+                format!("CREATE SCHEMA {quoted}; -- on the target"),
+            )),
+            _ => {}
+        }
+    }
+    if !to_create.is_empty() {
+        needs_create_on_database.push(format!("the schema dump creates schema(s) {}", to_create.join(", ")));
+    }
+    Ok(findings)
+}
+
+/// Errors shown in `start`'s refusal; `preflight` lists them all.
+const REFUSAL_ERRORS_SHOWN: usize = 5;
+/// Characters of each.
+const REFUSAL_ERROR_CHARS: usize = 300;
+
+/// `start`'s refusal: how many errors, and the first few, kept short (a
+/// gRPC status travels in HTTP/2 headers, whose size is limited).
+pub fn refusal(findings: &[Finding]) -> Option<String> {
+    let errors: Vec<&Finding> = findings.iter().filter(|f| f.is_error()).collect();
+    if errors.is_empty() {
+        return None;
+    }
+    let mut lines: Vec<String> = errors
+        .iter()
+        .take(REFUSAL_ERRORS_SHOWN)
+        .map(|f| {
+            let line = format!("{} {}: {}", f.check, f.object, f.message.replace('\n', " "));
+            let mut short: String = line.chars().take(REFUSAL_ERROR_CHARS).collect();
+            if line.chars().count() > REFUSAL_ERROR_CHARS {
+                short.push_str(" ...");
+            }
+            short
+        })
+        .collect();
+    if errors.len() > REFUSAL_ERRORS_SHOWN {
+        lines.push(format!("... and {} more", errors.len() - REFUSAL_ERRORS_SHOWN));
+    }
+    Some(format!(
+        "preflight found {} error(s); nothing was created. Run `walbridge preflight` (with the same options) for \
+         all of them and their fixes.\n{}",
+        errors.len(),
+        lines.join("\n")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_refusal_stays_short_however_many_errors() {
+        let findings: Vec<Finding> = (0..311)
+            .map(|i| error("schema_statement", format!("TABLE public.t{i}"), "x".repeat(2000), ""))
+            .chain(std::iter::once(warning("target_room", "", "a warning", "")))
+            .collect();
+        let refused = refusal(&findings).unwrap();
+        assert!(
+            refused.starts_with("preflight found 311 error(s); nothing was created."),
+            "{refused}"
+        );
+        assert!(
+            refused.contains("TABLE public.t4:") && !refused.contains("TABLE public.t5:"),
+            "{refused}"
+        );
+        assert!(refused.ends_with("... and 306 more"), "{refused}");
+        assert!(refused.len() < 2500, "{} bytes", refused.len());
+        assert_eq!(refusal(&findings[311..]), None, "warnings alone refuse nothing");
+    }
 }

@@ -2,6 +2,15 @@
 //! (zstd chunks), split into statements and executed one at a time, so a
 //! statement the target rejects is reported with its text and the
 //! target's error, and stops the migration.
+//!
+//! Pre-data is applied in one transaction: a statement the target rejects
+//! rolls all of it back, so a failed attempt leaves nothing behind and
+//! `start` can simply be run again. Each table, sequence and index it
+//! creates holds a lock until the commit, so a schema of thousands of
+//! tables needs room for them in the target's lock table
+//! (`max_locks_per_transaction`); running out is reported as such, with
+//! nothing created. Post-data runs statement by statement (each is
+//! journaled done), so it needs no such room.
 
 use futures_util::StreamExt;
 use walbridge_daemon::pg::Database;
@@ -17,7 +26,8 @@ use crate::target::{self, Purpose};
 use crate::transfer::decompress;
 use walbridge_daemon::pg::describe;
 
-/// Dumps one section in the snapshot and returns its statements.
+/// Dumps one section in the snapshot (in a fresh one of pg_dump's own
+/// when `snapshot` is empty) and returns its statements.
 pub async fn dump(
     agent: &AgentClient,
     snapshot: &str,
@@ -53,27 +63,44 @@ pub async fn dump(
     Ok(statements)
 }
 
-/// Applies statements in order on one session; the first rejected one
-/// stops it.
-pub async fn apply(target: &Database, statements: &[Statement]) -> Result<(), Fault> {
+/// Applies statements in order in one transaction: all of them, or
+/// (the first rejected one stops it) none.
+pub async fn apply_in_one_transaction(target: &Database, statements: &[Statement]) -> Result<(), Fault> {
     let client = connect(target).await?;
-    for statement in statements {
-        client
-            .batch_execute(&statement.text)
-            .await
-            .map_err(|e| rejected(&statement.text, statement.line, &e))?;
+    let begun = client.batch_execute("BEGIN").await;
+    begun.map_err(|e| crate::fault::target("cannot begin the pre-data transaction", &e))?;
+    for (done, statement) in statements.iter().enumerate() {
+        if let Err(e) = client.batch_execute(&statement.text).await {
+            let _ = client.batch_execute("ROLLBACK").await;
+            let why = if is_lock_table_full(&e) {
+                format!(
+                    "the target's lock table is full after {done} of {} pre-data statements: pre-data runs in one \
+                     transaction, which holds a lock on every object it creates until it commits; raise \
+                     max_locks_per_transaction on the target (then restart it), or migrate fewer tables at once \
+                     (--tables). ",
+                    statements.len()
+                )
+            } else {
+                String::new()
+            };
+            return Err(Fault::new(
+                crate::fault::target_kind(&e),
+                format!(
+                    "{why}{}\nPre-data was rolled back: nothing of it remains on the target.",
+                    rejected(statement, &e)
+                ),
+            ));
+        }
     }
-    Ok(())
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(|e| crate::fault::target("the target could not commit pre-data", &e))
 }
 
-/// Executes one statement in a session of its own (post-data statements
-/// are recorded done one by one).
-pub async fn execute(target: &Database, statement: &str, index: usize) -> Result<(), Fault> {
-    let client = connect(target).await?;
-    client
-        .batch_execute(statement)
-        .await
-        .map_err(|e| rejected(statement, index + 1, &e))
+/// PostgreSQL's answer when its shared lock table has no room left.
+pub fn is_lock_table_full(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&tokio_postgres::error::SqlState::OUT_OF_MEMORY)
 }
 
 /// Materialized views arrive empty: fill them. One may read another, so
@@ -104,7 +131,8 @@ pub async fn refresh_materialized_views(target: &Database, views: &[QualifiedNam
     Ok(())
 }
 
-async fn connect(target: &Database) -> Result<tokio_postgres::Client, Fault> {
+/// A target session set up as pg_dump's scripts assume.
+pub async fn connect(target: &Database) -> Result<tokio_postgres::Client, Fault> {
     let client = target::connect(target, Purpose::Schema).await?;
     // pg_dump's scripts assume these.
     client
@@ -116,13 +144,16 @@ async fn connect(target: &Database) -> Result<tokio_postgres::Client, Fault> {
     Ok(client)
 }
 
-pub fn rejected(statement: &str, line: usize, error: &tokio_postgres::Error) -> Fault {
-    let shown: String = statement.chars().take(2000).collect();
-    Fault::new(
-        crate::fault::target_kind(error),
-        format!(
-            "the target rejected a schema statement (line {line} of the dump): {}\n{shown}",
-            describe(error)
-        ),
+pub fn rejected(statement: &Statement, error: &tokio_postgres::Error) -> String {
+    let shown: String = statement.text.chars().take(2000).collect();
+    let entry = statement
+        .entry
+        .as_ref()
+        .map(|e| format!(", {}", e.label()))
+        .unwrap_or_default();
+    format!(
+        "the target rejected a schema statement (line {} of the dump{entry}): {}\n{shown}",
+        statement.line,
+        describe(error)
     )
 }

@@ -8,22 +8,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tonic::Status;
 use walbridge_daemon::pg::describe;
-use walbridge_migration::finding::{Extension, Finding, SourceFacts};
+use walbridge_migration::finding::{Extension, Finding, SourceFacts, SourceSchema};
 use walbridge_migration::ident::QualifiedName;
 use walbridge_migration::selection::{self, Selection};
+use walbridge_migration::skip::Skip;
 use walbridge_proto::convert::{name_from_wire, name_to_wire};
 use walbridge_proto::v1 as wire;
 
 use crate::migration::{Context, MigrationRecord, Phase, SourceIdentity, slot_name};
 use crate::plan::plan;
 use crate::registry::AgentClient;
+use crate::rehearsal::SchemaScope;
 use crate::runner::Runner;
 use crate::subscription::Route;
 use crate::target::{self, Purpose};
-
-/// How many findings a refused start lists (the rest are counted): a gRPC
-/// status travels in HTTP/2 headers, which are bounded.
-const FINDINGS_IN_REFUSAL: usize = 20;
 
 pub fn selection_from_wire(selection: Option<wire::TableSelection>) -> Selection {
     let selection = selection.unwrap_or_default();
@@ -48,13 +46,15 @@ pub fn agent_client(ctx: &Context, name: &str) -> Result<AgentClient, Status> {
     )))
 }
 
-/// Source checks through the agent, then target checks here, then (unless
-/// the migration will only copy) the proof that the subscription can log in.
+/// Source checks through the agent, then target checks here, then the
+/// schema rehearsed on the target, then (unless the migration will only
+/// copy) the proof that the subscription can log in.
 pub async fn preflight(
     ctx: &Context,
     agent_name: &str,
     agent: &AgentClient,
     tables: &[QualifiedName],
+    schema: &SchemaScope,
     subscribe: Option<&Route>,
 ) -> Result<Vec<Finding>, Status> {
     let source = agent
@@ -76,6 +76,7 @@ pub async fn preflight(
             })
             .collect(),
         tables: source.tables.into_iter().map(name_from_wire).collect(),
+        schemas: source.schemas.into_iter().map(SourceSchema::from).collect(),
     };
     let mut findings: Vec<Finding> = source.findings.into_iter().map(Finding::from).collect();
     let target = ctx
@@ -90,6 +91,8 @@ pub async fn preflight(
             .await
             .map_err(|e| Status::internal(format!("target preflight failed: {}", describe(&e))))?,
     );
+    let rehearsed = crate::rehearsal::check_schema(agent, target, schema, &findings).await;
+    findings.extend(rehearsed.map_err(Status::invalid_argument)?);
     // The probe needs a role that may create a subscription on the target
     // and one that may make the subscription's role on the source.
     let cannot_probe = findings
@@ -127,12 +130,31 @@ fn bad_selection(e: selection::SelectionError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+fn skips_from_wire(skip: Vec<String>) -> Result<Vec<Skip>, Status> {
+    skip.iter()
+        .map(|s| Skip::parse(s).map_err(|e| Status::invalid_argument(e.to_string())))
+        .collect()
+}
+
 pub async fn preflight_call(ctx: &Context, request: wire::PreflightRequest) -> Result<Vec<Finding>, Status> {
     let agent = agent_client(ctx, &request.agent)?;
     let selection = selection_from_wire(request.selection);
+    let skip = skips_from_wire(request.skip)?;
     let planned = plan(catalog(&agent).await?, &selection, ctx.settings.split_bytes).map_err(bad_selection)?;
+    let schema = SchemaScope {
+        dump_exclude: planned.dump_exclude,
+        skip,
+    };
     let route = subscription_route(ctx, request.direct, request.copy_only)?;
-    preflight(ctx, &request.agent, &agent, &planned.publication_tables, route.as_ref()).await
+    preflight(
+        ctx,
+        &request.agent,
+        &agent,
+        &planned.publication_tables,
+        &schema,
+        route.as_ref(),
+    )
+    .await
 }
 
 /// How the subscription will reach the source; `None` when there will be
@@ -167,25 +189,23 @@ pub async fn start(runner: &Arc<Runner>, request: wire::StartRequest) -> Result<
     }
     let route = subscription_route(ctx, request.direct, request.copy_only)?;
     let selection = selection_from_wire(request.selection);
+    let skip = skips_from_wire(request.skip)?;
     let planned = plan(catalog(&agent).await?, &selection, ctx.settings.split_bytes).map_err(bad_selection)?;
-    let findings = preflight(ctx, &request.agent, &agent, &planned.publication_tables, route.as_ref()).await?;
-    let errors: Vec<String> = findings
-        .iter()
-        .filter(|f| f.is_error())
-        .map(|f| format!("{} {}: {}", f.check, f.object, f.message))
-        .collect();
-    if !errors.is_empty() {
-        let more = errors.len().saturating_sub(FINDINGS_IN_REFUSAL);
-        let mut listed: Vec<String> = errors.iter().take(FINDINGS_IN_REFUSAL).cloned().collect();
-        if more > 0 {
-            listed.push(format!("... and {more} more"));
-        }
-        return Err(Status::failed_precondition(format!(
-            "preflight found {} error(s); nothing was created. Run `walbridge preflight` for all of them and \
-             their fixes.\n{}",
-            errors.len(),
-            listed.join("\n")
-        )));
+    let schema = SchemaScope {
+        dump_exclude: planned.dump_exclude.clone(),
+        skip,
+    };
+    let findings = preflight(
+        ctx,
+        &request.agent,
+        &agent,
+        &planned.publication_tables,
+        &schema,
+        route.as_ref(),
+    )
+    .await?;
+    if let Some(refused) = crate::preflight::refusal(&findings) {
+        return Err(Status::failed_precondition(refused));
     }
     let hello = crate::link::hello(&agent).await.map_err(Status::unavailable)?;
     let source = hello.source.clone().unwrap_or_default();
@@ -230,6 +250,7 @@ pub async fn start(runner: &Arc<Runner>, request: wire::StartRequest) -> Result<
         fence_sealed: false,
         detach: Default::default(),
         cutover: None,
+        skip: schema.skip,
         source: Some(SourceIdentity {
             system_identifier: source.system_identifier,
             database: source.database,

@@ -19,6 +19,7 @@ fn facts() -> SourceFacts {
         database_size_bytes: 1000,
         extensions: vec![],
         tables: vec![QualifiedName::new("public", "orders")],
+        schemas: vec![],
     }
 }
 

@@ -48,6 +48,19 @@ pub struct SourceFacts {
     pub extensions: Vec<Extension>,
     /// The tables in scope: ordinary and partitioned tables.
     pub tables: Vec<crate::ident::QualifiedName>,
+    /// The schemas the schema dump covers.
+    #[serde(default)]
+    pub schemas: Vec<SourceSchema>,
+}
+
+/// A schema of the source, as the schema dump treats it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SourceSchema {
+    pub name: String,
+    /// The dump creates it (`CREATE SCHEMA`): every schema but `public`.
+    pub created_by_dump: bool,
+    /// The dump creates objects in it.
+    pub has_objects: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

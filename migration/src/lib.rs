@@ -7,6 +7,8 @@
 //! * [`finding`]: what preflight reports.
 //! * [`script`]: pg_dump's SQL script split into statements.
 //! * [`selection`]: which tables `--tables` / `--exclude` keep.
+//! * [`skip`]: which schema entries are not applied (`--skip`, and what
+//!   walbridge leaves out itself).
 //!
 //! **Architecture invariant**: no I/O here; pure types and functions.
 
@@ -17,3 +19,4 @@ pub mod ident;
 pub mod lsn;
 pub mod script;
 pub mod selection;
+pub mod skip;

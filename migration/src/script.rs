@@ -8,6 +8,11 @@
 //! `/* */` comments. psql's `\restrict` / `\unrestrict` lines (pg_dump since
 //! 17.6, 16.10, 15.14, 14.19, 13.22) are skipped; any other meta-command is
 //! refused, since there is no psql to run it.
+//!
+//! Each statement carries the dump entry it belongs to, read from the
+//! header comment pg_dump writes before every entry
+//! (`-- Name: items; Type: TABLE; Schema: shop; Owner: -`), so that a
+//! rejected statement can be named and an entry left out (`--skip`).
 
 /// One statement, without its terminating semicolon.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +20,54 @@ pub struct Statement {
     pub text: String,
     /// The line of the script on which the statement starts (1-based).
     pub line: usize,
+    /// The dump entry the statement belongs to; `None` for the session
+    /// settings (`SET ...`, `set_config(...)`) pg_dump writes between
+    /// entries, which belong to none.
+    pub entry: Option<Entry>,
+}
+
+/// One entry of pg_dump's table of contents, as its header names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// `TABLE`, `EXTENSION`, `EVENT TRIGGER`, `COMMENT`, `FK CONSTRAINT`, ...
+    pub kind: String,
+    /// `None` for objects outside schemas (pg_dump writes `-`).
+    pub schema: Option<String>,
+    /// As pg_dump writes it, unquoted: `items`, `items items_pkey` (a
+    /// constraint: its table, then its name), `EXTENSION hstore` (a comment).
+    pub name: String,
+}
+
+impl Entry {
+    /// `TYPE SCHEMA.NAME` (or `TYPE NAME` outside schemas): how findings
+    /// name the entry and how `--skip` names it back.
+    pub fn label(&self) -> String {
+        match &self.schema {
+            Some(schema) => format!("{} {schema}.{}", self.kind, self.name),
+            None => format!("{} {}", self.kind, self.name),
+        }
+    }
+
+    /// Reads a header comment's text (after `--`), if it is one.
+    fn from_header(comment: &str) -> Option<Entry> {
+        let rest = comment.trim_start().strip_prefix("Name: ")?;
+        let (name, rest) = rest.rsplit_once("; Type: ")?;
+        let (kind, rest) = rest.split_once("; Schema: ")?;
+        // `Owner:` is empty with --no-owner; `Tablespace:` comes last.
+        let schema = rest.split("; Owner:").next()?.split("; Tablespace:").next()?.trim_end();
+        Some(Entry {
+            kind: kind.to_owned(),
+            schema: (schema != "-").then(|| schema.to_owned()),
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// Whether a statement only sets the session up (pg_dump writes these
+/// between entries): it belongs to no entry and is never left out.
+pub fn is_session_setting(text: &str) -> bool {
+    let upper: String = text.chars().take(40).collect::<String>().to_ascii_uppercase();
+    upper.starts_with("SET ") || upper.starts_with("SELECT PG_CATALOG.SET_CONFIG(")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +118,10 @@ pub struct ScriptSplitter {
     /// Line on which the open quote or comment started.
     opened_on: usize,
     meta: String,
+    /// A comment line between statements, collected for its header.
+    comment: Option<String>,
+    /// The entry whose header came last.
+    entry: Option<Entry>,
     /// Whether only blanks have been seen on the current line so far
     /// outside a statement (meta-commands start lines).
     at_line_start: bool,
@@ -88,6 +145,8 @@ impl ScriptSplitter {
             line: 1,
             opened_on: 0,
             meta: String::new(),
+            comment: None,
+            entry: None,
             at_line_start: true,
             ended: false,
         }
@@ -117,7 +176,8 @@ impl ScriptSplitter {
         self.ended = true;
         let mut done = self.run()?;
         match &self.state {
-            State::Code | State::LineComment => {}
+            State::Code => {}
+            State::LineComment => self.end_comment(),
             State::MetaCommand => self.end_meta_command()?,
             State::BlockComment(_) => return Err(self.unterminated("a /* comment")),
             State::Quoted { .. } => return Err(self.unterminated("a quoted string")),
@@ -166,6 +226,9 @@ impl ScriptSplitter {
                     '-' | '/' if needs_lookahead => break,
                     '-' if next == Some('-') => {
                         self.state = State::LineComment;
+                        if self.current.trim().is_empty() {
+                            self.comment = Some(String::new());
+                        }
                         self.keep_if_started("--");
                         2
                     }
@@ -210,9 +273,13 @@ impl ScriptSplitter {
                 },
                 State::LineComment => {
                     if c == '\n' {
+                        self.end_comment();
                         self.state = State::Code;
                         self.code_char(c);
                     } else {
+                        if let Some(comment) = &mut self.comment {
+                            comment.push(c);
+                        }
                         self.keep_if_started_char(c);
                     }
                     1
@@ -325,6 +392,15 @@ impl ScriptSplitter {
         Ok(done)
     }
 
+    /// A comment line between statements ends: a header starts an entry.
+    fn end_comment(&mut self) {
+        if let Some(comment) = self.comment.take()
+            && let Some(entry) = Entry::from_header(&comment)
+        {
+            self.entry = Some(entry);
+        }
+    }
+
     fn open(&mut self, state: State, c: char) {
         self.begin_statement();
         self.opened_on = self.line;
@@ -379,6 +455,11 @@ impl ScriptSplitter {
             return Err(ScriptError::CopyData { line: self.start_line });
         }
         Ok(Some(Statement {
+            entry: if is_session_setting(text) {
+                None
+            } else {
+                self.entry.clone()
+            },
             text: text.to_owned(),
             line: self.start_line,
         }))
@@ -599,6 +680,51 @@ CREATE VIEW public.v AS
             got.extend(splitter.push(&bytes[cut..]).unwrap());
             got.extend(splitter.finish().unwrap());
             assert_eq!(got, whole, "cut at byte {cut}");
+        }
+    }
+
+    #[test]
+    fn each_statement_carries_its_entry_from_the_header() {
+        let script = "SET statement_timeout = 0;\n\
+                      SELECT pg_catalog.set_config('search_path', '', false);\n\n\
+                      --\n-- Name: shop; Type: SCHEMA; Schema: -; Owner: -\n--\n\n\
+                      CREATE SCHEMA shop;\n\
+                      SET default_tablespace = '';\n\n\
+                      --\n-- Name: items items_pkey; Type: CONSTRAINT; Schema: shop; Owner: -\n--\n\n\
+                      ALTER TABLE ONLY shop.items\n    ADD CONSTRAINT items_pkey PRIMARY KEY (id);\n\
+                      --\n-- Name: EXTENSION hstore; Type: COMMENT; Schema: -; Owner: \n--\n\
+                      COMMENT ON EXTENSION hstore IS 'x -- not a header';\n\
+                      --\n-- Name: big; Type: TABLE; Schema: public; Owner: -; Tablespace: fast\n--\n\
+                      CREATE TABLE public.big (\n-- Name: fake; Type: TABLE; Schema: public; Owner: -\nid int);\n\
+                      ALTER TABLE public.big SET (fillfactor = 50);\n";
+        let statements = split(script).unwrap();
+        let labels: Vec<Option<String>> = statements.iter().map(|s| s.entry.as_ref().map(Entry::label)).collect();
+        assert_eq!(
+            labels,
+            [
+                None,
+                None,
+                Some("SCHEMA shop".to_owned()),
+                None,
+                Some("CONSTRAINT shop.items items_pkey".to_owned()),
+                Some("COMMENT EXTENSION hstore".to_owned()),
+                Some("TABLE public.big".to_owned()),
+                // A header inside a statement is text, not a new entry.
+                Some("TABLE public.big".to_owned()),
+            ]
+        );
+        let comment = statements[5].entry.clone().unwrap();
+        assert_eq!((comment.kind.as_str(), comment.schema), ("COMMENT", None));
+        // Headers are found whatever the chunking.
+        let bytes = script.as_bytes();
+        for size in [1, 2, 3, 7] {
+            let mut splitter = ScriptSplitter::new();
+            let mut got = Vec::new();
+            for chunk in bytes.chunks(size) {
+                got.extend(splitter.push(chunk).unwrap());
+            }
+            got.extend(splitter.finish().unwrap());
+            assert_eq!(got, statements, "chunks of {size} bytes");
         }
     }
 

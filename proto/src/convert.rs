@@ -1,7 +1,7 @@
 //! Conversions between wire types and the migration's domain types, in
 //! one place for both ends of every call.
 
-use walbridge_migration::finding::{Finding, Severity, Side};
+use walbridge_migration::finding::{Finding, Severity, Side, SourceSchema};
 use walbridge_migration::ident::QualifiedName;
 
 use crate::v1 as wire;
@@ -55,6 +55,26 @@ impl From<wire::Finding> for Finding {
             object: finding.object,
             message: finding.message,
             fix: finding.fix,
+        }
+    }
+}
+
+impl From<SourceSchema> for wire::SourceSchema {
+    fn from(schema: SourceSchema) -> Self {
+        wire::SourceSchema {
+            name: schema.name,
+            created_by_dump: schema.created_by_dump,
+            has_objects: schema.has_objects,
+        }
+    }
+}
+
+impl From<wire::SourceSchema> for SourceSchema {
+    fn from(schema: wire::SourceSchema) -> Self {
+        SourceSchema {
+            name: schema.name,
+            created_by_dump: schema.created_by_dump,
+            has_objects: schema.has_objects,
         }
     }
 }

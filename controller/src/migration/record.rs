@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use walbridge_migration::copy::PageRange;
 use walbridge_migration::ident::QualifiedName;
 use walbridge_migration::selection::Selection;
+use walbridge_migration::skip::Skip;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -147,6 +148,9 @@ pub struct MigrationRecord {
     /// The source this migration started on.
     #[serde(default)]
     pub source: Option<SourceIdentity>,
+    /// Schema entries left out of the dump (`start --skip`).
+    #[serde(default)]
+    pub skip: Vec<Skip>,
 }
 
 /// The two statements that detach the subscription, each recorded once

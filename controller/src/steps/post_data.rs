@@ -6,6 +6,9 @@
 //! target (`bookkeeping`), so after any crash each is applied exactly once.
 //! Materialized views arrive empty and are refreshed.
 
+use walbridge_daemon::pg::describe;
+use walbridge_migration::fault::Fault;
+
 use super::{StepError, retrying_on_target, save};
 use crate::migration::{Context, MigrationRecord, Phase};
 use crate::target::{self, Purpose};
@@ -57,7 +60,16 @@ async fn apply(ctx: &Context, record: &MigrationRecord, statements: &[String]) -
         }
         .await;
         if let Err(e) = outcome {
-            return Err(schema::rejected(statement, index + 1, &e).into());
+            let shown: String = statement.chars().take(2000).collect();
+            return Err(Fault::new(
+                crate::fault::target_kind(&e),
+                format!(
+                    "the target rejected post-data statement {}: {}\n{shown}",
+                    index + 1,
+                    describe(&e)
+                ),
+            )
+            .into());
         }
         applied += 1;
     }

@@ -11,5 +11,6 @@ mod progress;
 mod settings;
 mod support;
 mod sync;
+mod target_role;
 mod trace;
 mod tunnel;

@@ -138,7 +138,7 @@ fn managed(negotiation: &str) -> Managed {
     source.create_database(DATABASE);
     source.psql(
         DATABASE,
-        "GRANT CREATE ON DATABASE app TO migrator; GRANT CREATE ON SCHEMA public TO app; \
+        "GRANT CREATE ON DATABASE app TO migrator, app; GRANT CREATE ON SCHEMA public TO app; \
          GRANT USAGE ON SCHEMA public TO migrator",
     );
     source.psql(
@@ -195,19 +195,52 @@ fn managed(negotiation: &str) -> Managed {
     Managed { m, ca }
 }
 
-/// walbridge's sessions on a server, and how many of them are not encrypted.
-fn walbridge_sessions(cluster: &Cluster) -> (u64, u64) {
-    let row = cluster.psql(
-        DATABASE,
-        "SELECT count(*), count(*) FILTER (WHERE NOT s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
-         WHERE a.application_name LIKE 'walbridge%'",
-    );
-    let (all, plain) = row.split_once('|').expect("two counts");
-    (all.parse().unwrap(), plain.parse().unwrap())
+/// Every walbridge session seen on a server while the watch ran: pid and
+/// whether it was encrypted (`pg_stat_ssl`), sampled until stopped.
+struct SslWatch {
+    stop: Arc<AtomicBool>,
+    seen: std::thread::JoinHandle<std::collections::BTreeMap<String, bool>>,
+}
+
+impl SslWatch {
+    fn start(cluster: &Cluster) -> SslWatch {
+        let url = cluster.url_with(DATABASE, &[("sslmode", "require")]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let seen = std::thread::spawn(move || {
+            let session = crate::support::Session::open(&url);
+            let mut seen = std::collections::BTreeMap::new();
+            while !stopped.load(Ordering::SeqCst) {
+                let rows = session
+                    .value(
+                        "SELECT coalesce(string_agg(a.pid || ':' || s.ssl || ':' || a.application_name, ','), '') \
+                         FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                         WHERE a.application_name LIKE 'walbridge%' AND a.pid <> pg_backend_pid()",
+                    )
+                    .unwrap_or_default();
+                for session in rows.split(',').filter(|s| !s.is_empty()) {
+                    let mut parts = session.splitn(3, ':');
+                    let (pid, ssl, name) = (parts.next(), parts.next(), parts.next());
+                    if let (Some(pid), Some(ssl), Some(name)) = (pid, ssl, name) {
+                        seen.insert(format!("{pid} {name}"), ssl == "true");
+                    }
+                }
+            }
+            seen
+        });
+        SslWatch { stop, seen }
+    }
+
+    /// The sessions seen, each with whether it was encrypted.
+    fn finish(self) -> std::collections::BTreeMap<String, bool> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.seen.join().expect("the watch ran")
+    }
 }
 
 fn migrate_a_managed_database(negotiation: &str) {
     let Managed { m, ca: _ca } = managed(negotiation);
+    let watches = [SslWatch::start(&m.source), SslWatch::start(&m.target)];
     let (code, findings, stderr) = m.cli_json(&["preflight", "--agent", "east", "--json"]);
     assert_eq!(code, Some(0), "preflight: {stderr} {findings}");
 
@@ -229,12 +262,7 @@ fn migrate_a_managed_database(negotiation: &str) {
         );
         (!row.is_empty()).then_some(row)
     });
-    assert_eq!(walsender, "subscriber|t");
-    for cluster in [&m.source, &m.target] {
-        let (all, plain) = walbridge_sessions(cluster);
-        assert!(all > 0, "walbridge has sessions on {}", cluster.name());
-        assert_eq!(plain, 0, "every walbridge session on {} is encrypted", cluster.name());
-    }
+    assert_eq!(walsender, "subscriber|true");
     let conninfo = m.target.psql(DATABASE, "SELECT subconninfo FROM pg_subscription");
     assert!(
         conninfo.contains(&format!("host='{SOURCE_NAME}'")) && conninfo.contains("sslmode='verify-full'"),
@@ -262,6 +290,17 @@ fn migrate_a_managed_database(negotiation: &str) {
     assert_eq!(code, Some(0), "cleanup: {stderr} {cleaned}");
     assert_eq!(m.source_replication_objects(), (String::new(), String::new()));
     assert_eq!(m.target.psql(DATABASE, "SELECT count(*) FROM pg_subscription"), "0");
+    // Every walbridge session either server saw, from preflight to cleanup
+    // (the agent's, the controller's, the subscription's), was encrypted.
+    for (side, watch) in ["source", "target"].into_iter().zip(watches) {
+        let seen = watch.finish();
+        let plain: Vec<&String> = seen.iter().filter(|(_, ssl)| !**ssl).map(|(s, _)| s).collect();
+        assert!(seen.len() >= 3, "walbridge sessions seen on the {side}: {seen:?}");
+        assert!(
+            plain.is_empty(),
+            "plain-text walbridge sessions on the {side}: {plain:?}"
+        );
+    }
 
     // No password in any log line or journal file; the password the
     // target's server may log is the subscriber's, never the agent's own.

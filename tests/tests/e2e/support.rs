@@ -183,8 +183,21 @@ impl Migration {
 
     pub fn with_controller_args(source: harness::Cluster, prepare_source: &str, extra: &[&str]) -> Migration {
         let target = harness::Cluster::builder("target").start();
-        source.create_database(DATABASE);
         target.create_database(DATABASE);
+        let target_url = target.url(DATABASE);
+        Migration::with_target(source, prepare_source, target, &target_url, extra)
+    }
+
+    /// Into a target the test prepared (its `app` database made), reached
+    /// as `target_url`.
+    pub fn with_target(
+        source: harness::Cluster,
+        prepare_source: &str,
+        target: harness::Cluster,
+        target_url: &str,
+        extra: &[&str],
+    ) -> Migration {
+        source.create_database(DATABASE);
         if !prepare_source.is_empty() {
             source.psql(DATABASE, prepare_source);
         }
@@ -194,7 +207,7 @@ impl Migration {
             harness::daemons::CONTROLLER,
             &[
                 install.controller_args(),
-                vec!["--target-url".into(), target.url(DATABASE)],
+                vec!["--target-url".into(), target_url.to_owned()],
                 extra.iter().map(|a| a.to_string()).collect(),
             ]
             .concat(),

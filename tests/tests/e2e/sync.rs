@@ -367,35 +367,49 @@ fn a_source_without_logical_wal_is_refused_and_nothing_is_created() {
 }
 
 #[test]
-fn a_schema_statement_the_target_rejects_stops_the_migration_and_is_reported() {
+fn a_schema_statement_the_target_rejects_is_found_before_anything_is_created_and_start_succeeds_once_fixed() {
     let source = Cluster::builder("source").logical().start();
     let m = Migration::new(
         source,
-        "CREATE TYPE mood AS ENUM ('happy', 'sad'); CREATE TABLE people (id int PRIMARY KEY, m mood);",
+        "CREATE TYPE mood AS ENUM ('happy', 'sad'); CREATE TABLE people (id int PRIMARY KEY, m mood); \
+         INSERT INTO people VALUES (1, 'happy');",
     );
-    // Not a table, so preflight lets it pass; the schema step meets it.
+    // Not a table, so only the schema's rehearsal meets it.
     m.target.psql(DATABASE, "CREATE TYPE mood AS (a int)");
+    let (code, preflight, stderr) = m.cli_json(&["preflight", "--agent", "east", "--json"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let rejected = preflight["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "schema_statement")
+        .unwrap_or_else(|| panic!("no rejected statement in {preflight}"));
+    assert_eq!(rejected["object"], "TYPE public.mood", "named by its dump entry");
+    let message = rejected["message"].as_str().unwrap();
+    assert!(message.contains("already exists"), "the target's error: {message}");
+    assert!(
+        message.contains("CREATE TYPE public.mood AS ENUM"),
+        "the statement: {message}"
+    );
+    assert!(message.contains("leftover of an earlier attempt"), "{message}");
+    let fix = rejected["fix"].as_str().unwrap();
+    assert!(fix.starts_with("DROP TYPE public.mood CASCADE;"), "{fix}");
+    assert!(fix.contains("--skip 'TYPE public.mood'"), "{fix}");
+
     let out = m.cli(&["start", "--agent", "east"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("the target rejected a schema statement"), "{stderr}");
     assert!(
-        stderr.contains("CREATE TYPE public.mood AS ENUM"),
-        "the statement is shown: {stderr}"
+        stderr.contains("preflight found 1 error(s); nothing was created"),
+        "{stderr}"
     );
     assert!(
-        stderr.contains("already exists"),
-        "the target's error is shown: {stderr}"
+        stderr.contains("TYPE public.mood") && stderr.contains("already exists"),
+        "{stderr}"
     );
-    let status = m.status();
-    assert_eq!(status["phase"], "failed");
-    // A failed migration holds nothing on the source: no snapshot, slot
-    // or publication.
-    assert_eq!(
-        m.source_replication_objects(),
-        (String::new(), String::new()),
-        "{status}"
-    );
+    assert_eq!(m.status()["phase"], "none");
+    // Nothing was created on either side: no slot, publication, walsender.
+    assert_eq!(m.source_replication_objects(), (String::new(), String::new()));
     assert_eq!(
         m.source.psql(
             DATABASE,
@@ -407,6 +421,12 @@ fn a_schema_statement_the_target_rejects_stops_the_migration_and_is_reported() {
         m.target
             .psql(DATABASE, "SELECT count(*) FROM pg_tables WHERE tablename = 'people'"),
         "0",
-        "nothing after the rejected statement ran"
+        "the rehearsal was rolled back"
     );
+
+    // The cause removed, start succeeds.
+    m.target.psql(DATABASE, "DROP TYPE mood");
+    let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json"]);
+    assert_eq!(code, Some(0), "start: {stderr} {status}");
+    assert_eq!(table(&status, "public.people")["state"], "verified");
 }
