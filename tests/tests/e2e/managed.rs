@@ -308,6 +308,14 @@ fn migrate_a_managed_database(negotiation: &str) {
         let found = crate::cutover::files_contain(m.install.path(), password);
         assert!(found.is_empty(), "{password} found in {found:?}");
     }
+    for cluster in [&m.source, &m.target] {
+        let log = std::fs::read_to_string(cluster.log_path()).unwrap_or_default();
+        assert!(
+            !log.contains("migrator-password"),
+            "the agent's password in {}'s log",
+            cluster.name()
+        );
+    }
 }
 
 #[test]
@@ -422,4 +430,32 @@ fn a_plain_text_source_under_sslmode_require_is_refused_in_one_line_and_nothing_
         .unwrap_or_else(|| panic!("no line names source.url: {stderr}"));
     assert!(line.contains("does not support TLS") || line.contains("TLS"), "{line}");
     assert_eq!(leftovers(&m), "source 0, target 0");
+}
+
+#[test]
+fn a_source_that_lets_the_subscription_in_without_a_password_is_found_by_preflight() {
+    let Managed { m, ca: _ca } = managed("postgres");
+    // Everyone from 127.0.0.1 is let in without a password; a subscription
+    // owned by the target's non-superuser role refuses such a source.
+    std::fs::write(
+        m.source.data_dir().join("pg_hba.conf"),
+        "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl replication all 127.0.0.1/32 trust\n",
+    )
+    .unwrap();
+    m.source.psql("postgres", "SELECT pg_reload_conf()");
+    let (code, report, stderr) = m.cli_json(&["preflight", "--agent", "east", "--json"]);
+    assert_eq!(code, Some(1), "{stderr} {report}");
+    let findings = report["findings"].as_array().expect("findings");
+    let login = findings
+        .iter()
+        .find(|f| f["check"] == "subscription_connection")
+        .unwrap_or_else(|| panic!("no subscription_connection finding: {report}"));
+    let message = login["message"].as_str().unwrap();
+    assert!(message.contains("password is required"), "{message}");
+    assert!(login["fix"].as_str().unwrap().contains("scram-sha-256"), "{login}");
+    assert_eq!(leftovers(&m), "source 0, target 0");
+    // The probe logged the subscriber's password, if any, in the target's
+    // server log — never the agent's own.
+    let target_log = std::fs::read_to_string(m.target.log_path()).unwrap_or_default();
+    assert!(!target_log.contains("migrator-password"));
 }
