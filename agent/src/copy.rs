@@ -111,26 +111,31 @@ pub async fn copy_table(
     }
 }
 
-/// Streams `pg_dump --schema-only --section=<section>` in the snapshot
-/// (in a snapshot of pg_dump's own when `snapshot` is empty).
-pub async fn dump_schema(
-    source: Database,
-    pg_dump: String,
-    snapshot: String,
-    section: String,
-    exclude: Vec<QualifiedName>,
-    out: ChunkSender,
-) {
+/// What to dump of the schema.
+#[derive(Debug, Clone)]
+pub struct SchemaDump {
+    /// Read in this snapshot (empty: a snapshot of pg_dump's own).
+    pub snapshot: String,
+    /// `pre-data` or `post-data`.
+    pub section: String,
+    pub exclude: Vec<QualifiedName>,
+    /// GRANTs and default privileges too (`start --privileges`).
+    pub privileges: bool,
+}
+
+/// Streams `pg_dump --schema-only --section=<section>` as `dump` says.
+pub async fn dump_schema(source: Database, pg_dump: String, dump: SchemaDump, out: ChunkSender) {
+    let SchemaDump {
+        snapshot,
+        section,
+        exclude,
+        privileges,
+    } = dump;
     let result = async {
         let mut command = tokio::process::Command::new(&pg_dump);
         command
-            .args([
-                "--schema-only",
-                "--no-owner",
-                "--no-privileges",
-                "--no-publications",
-                "--no-subscriptions",
-            ])
+            .args(["--schema-only", "--no-owner", "--no-publications", "--no-subscriptions"])
+            .args((!privileges).then_some("--no-privileges"))
             .arg(format!("--section={section}"))
             .args((!snapshot.is_empty()).then(|| format!("--snapshot={snapshot}")))
             .envs(source.libpq_environment(APPLICATION_NAME))

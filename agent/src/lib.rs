@@ -16,6 +16,7 @@
 //! * [`streaming`]: slot lag, sequences, the subscription's connection.
 //! * [`subscription_role`]: the role the subscription logs in as.
 //! * [`fence`]: the cutover's write fence.
+//! * [`grants`]: the roles the schema's privileges name.
 //!
 //! **Architecture invariant**: only the agent connects to the source.
 
@@ -24,6 +25,7 @@ pub mod config;
 pub mod copy;
 pub mod fault;
 pub mod fence;
+pub mod grants;
 pub mod link;
 pub mod preflight;
 pub mod privileges;

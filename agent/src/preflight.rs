@@ -26,6 +26,8 @@ pub struct SourceScope {
     pub connected_port: Option<u16>,
     /// Transactions open longer than this are reported.
     pub long_transaction_after: Duration,
+    /// The schema's GRANTs will be carried: name the roles they need.
+    pub privileges: bool,
 }
 
 /// Transaction-ID age past which the held snapshot's effect on vacuum
@@ -112,7 +114,13 @@ pub async fn check_source(
         })
         .collect();
     let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let roles = if scope.privileges {
+        crate::grants::roles_named(client, &oids).await?
+    } else {
+        Vec::new()
+    };
     let facts = SourceFacts {
+        roles,
         schemas: schemas(client, &oids).await?,
         server_version_num: server.version_num.max(0) as u32,
         database_size_bytes: server.database_size.max(0) as u64,

@@ -136,6 +136,7 @@ impl AgentService for Agent {
                 tables: (!tables.is_empty()).then_some(tables),
                 connected_port: Some(self.state.source.port()),
                 long_transaction_after: LONG_TRANSACTION,
+                privileges: request.privileges,
             };
             let (mut findings, facts) = preflight::check_source(&client, &scope)
                 .await
@@ -160,6 +161,7 @@ impl AgentService for Agent {
                     })
                     .collect(),
                 tables: facts.tables.into_iter().map(name_to_wire).collect(),
+                roles: facts.roles.into_iter().map(wire::NamedRole::from).collect(),
                 schemas: facts.schemas.into_iter().map(wire::SourceSchema::from).collect(),
             }))
         }
@@ -260,9 +262,12 @@ impl AgentService for Agent {
             copy::dump_schema(
                 self.state.source.clone(),
                 self.state.pg_dump.clone(),
-                request.snapshot,
-                request.section,
-                request.exclude.into_iter().map(name_from_wire).collect(),
+                copy::SchemaDump {
+                    snapshot: request.snapshot,
+                    section: request.section,
+                    exclude: request.exclude.into_iter().map(name_from_wire).collect(),
+                    privileges: request.privileges,
+                },
                 out,
             )
             .instrument(span),

@@ -21,6 +21,7 @@ fn scope() -> SourceScope {
         tables: None,
         connected_port: None,
         long_transaction_after: Duration::from_secs(300),
+        privileges: false,
     }
 }
 

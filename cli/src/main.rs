@@ -51,7 +51,7 @@ enum Command {
         #[command(flatten)]
         tables: TableArgs,
         #[command(flatten)]
-        skip: SkipArgs,
+        schema: SchemaArgs,
         #[command(flatten)]
         route: RouteArgs,
         /// Print one JSON document instead of a table.
@@ -69,7 +69,7 @@ enum Command {
         #[command(flatten)]
         tables: TableArgs,
         #[command(flatten)]
-        skip: SkipArgs,
+        schema: SchemaArgs,
         /// Tables copied at once (default: the agent host's CPUs, at least 2).
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         parallel: u32,
@@ -172,9 +172,9 @@ struct TableArgs {
     exclude: Vec<String>,
 }
 
-/// Schema entries left out of the migration.
+/// What of the source's schema the migration carries.
 #[derive(Debug, clap::Args)]
-struct SkipArgs {
+struct SchemaArgs {
     /// Leave this entry of the schema dump out (repeatable), named as pg_dump's header names it:
     /// its type, then its name, schema-qualified or not — e.g. --skip 'EVENT TRIGGER audit_ddl',
     /// --skip 'EXTENSION pg_stat_statements', --skip 'FUNCTION public.audit()'. The type is matched
@@ -183,6 +183,12 @@ struct SkipArgs {
     /// (walbridge itself leaves out comments on extensions and on the public schema.)
     #[arg(long, value_name = "ENTRY")]
     skip: Vec<String>,
+    /// Carry GRANTs and default privileges to the target, so that the application's roles can use
+    /// their tables there after the cutover. Their roles must exist on the target: preflight lists
+    /// those that do not, each with the CREATE ROLE that makes it (without its password). Without
+    /// this the target has none of the source's grants, and the migration says so.
+    #[arg(long)]
+    privileges: bool,
 }
 
 /// How the migration's changes will reach the target.
@@ -260,7 +266,7 @@ fn main() -> ExitCode {
         Command::Preflight {
             agent,
             tables,
-            skip,
+            schema,
             route,
             json,
         } => with_controller(&matches, |address| async move {
@@ -268,7 +274,8 @@ fn main() -> ExitCode {
                 agent,
                 tables: tables.tables,
                 exclude: tables.exclude,
-                skip: skip.skip,
+                skip: schema.skip,
+                privileges: schema.privileges,
                 direct: route.direct,
                 copy_only: route.copy_only,
                 json,
@@ -278,7 +285,7 @@ fn main() -> ExitCode {
         Command::Start {
             agent,
             tables,
-            skip,
+            schema,
             parallel,
             no_verify,
             route: RouteArgs { direct, copy_only },
@@ -288,7 +295,8 @@ fn main() -> ExitCode {
                 agent,
                 tables: tables.tables,
                 exclude: tables.exclude,
-                skip: skip.skip,
+                skip: schema.skip,
+                privileges: schema.privileges,
                 parallel,
                 no_verify,
                 direct,

@@ -43,6 +43,7 @@ pub struct PreflightOptions {
     pub tables: Vec<String>,
     pub exclude: Vec<String>,
     pub skip: Vec<String>,
+    pub privileges: bool,
     pub direct: bool,
     pub copy_only: bool,
     pub json: bool,
@@ -56,6 +57,7 @@ pub async fn preflight(address: &ApiAddress, options: PreflightOptions) -> Resul
             agent: options.agent,
             selection: selection(&options.tables, &options.exclude),
             skip: options.skip,
+            privileges: options.privileges,
             direct: options.direct,
             copy_only: options.copy_only,
         })
@@ -110,6 +112,7 @@ pub struct StartOptions {
     pub tables: Vec<String>,
     pub exclude: Vec<String>,
     pub skip: Vec<String>,
+    pub privileges: bool,
     pub parallel: u32,
     pub no_verify: bool,
     pub direct: bool,
@@ -130,6 +133,7 @@ pub async fn start(address: &ApiAddress, options: StartOptions) -> Result<(), Fa
             direct: options.direct,
             copy_only: options.copy_only,
             skip: options.skip,
+            privileges: options.privileges,
         })
         .await
         .map_err(call_failed)?
@@ -160,6 +164,9 @@ pub async fn start(address: &ApiAddress, options: StartOptions) -> Result<(), Fa
                         bytes as f64 / 1e6,
                         status.phase
                     );
+                    for event in &status.events {
+                        println!("note: {event}");
+                    }
                 }
                 return Ok(());
             }

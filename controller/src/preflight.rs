@@ -5,7 +5,7 @@
 //! schema itself is then rehearsed on the target ([`crate::rehearsal`]).
 
 use tokio_postgres::Client;
-use walbridge_migration::finding::{Finding, Side, SourceFacts};
+use walbridge_migration::finding::{Finding, NamedRole, Side, SourceFacts};
 use walbridge_migration::ident::quote_ident;
 use walbridge_migration::skip::skip_argument;
 
@@ -158,6 +158,8 @@ pub async fn check_target(client: &Client, source: &SourceFacts) -> Result<Vec<F
             ));
         }
     }
+
+    findings.extend(missing_roles(client, &source.roles).await?);
 
     let needed = source.database_size_bytes.saturating_mul(3) / 2;
     findings.push(warning(
@@ -406,4 +408,32 @@ mod tests {
         assert!(refused.len() < 2500, "{} bytes", refused.len());
         assert_eq!(refusal(&findings[311..]), None, "warnings alone refuse nothing");
     }
+}
+
+/// With `--privileges`: the roles the schema's GRANTs name that the target
+/// lacks (each GRANT to one would fail), each with what creates it.
+async fn missing_roles(client: &Client, roles: &[NamedRole]) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let names: Vec<&str> = roles.iter().map(|r| r.name.as_str()).collect();
+    let present: Vec<String> = client
+        .query("SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1)", &[&names])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    Ok(roles
+        .iter()
+        .filter(|role| !present.contains(&role.name))
+        .map(|role| {
+            error(
+                "missing_role",
+                quote_ident(&role.name),
+                format!(
+                    "the schema's privileges name role {}, which the target lacks: carrying them (--privileges) \
+                     would fail",
+                    quote_ident(&role.name)
+                ),
+                role.create_statements(),
+            )
+        })
+        .collect())
 }

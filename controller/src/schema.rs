@@ -33,6 +33,7 @@ pub async fn dump(
     snapshot: &str,
     section: &str,
     exclude: &[QualifiedName],
+    privileges: bool,
 ) -> Result<Vec<Statement>, Fault> {
     let mut stream = agent
         .clone()
@@ -40,6 +41,7 @@ pub async fn dump(
             snapshot: snapshot.to_owned(),
             section: section.to_owned(),
             exclude: exclude.iter().cloned().map(name_to_wire).collect(),
+            privileges,
         })
         .await
         .map_err(|s| crate::fault::agent(format!("cannot dump the {section} schema"), &s))?

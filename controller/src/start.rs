@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tonic::Status;
 use walbridge_daemon::pg::describe;
-use walbridge_migration::finding::{Extension, Finding, SourceFacts, SourceSchema};
+use walbridge_migration::finding::{Extension, Finding, NamedRole, SourceFacts, SourceSchema};
 use walbridge_migration::ident::QualifiedName;
 use walbridge_migration::selection::{self, Selection};
 use walbridge_migration::skip::Skip;
@@ -22,6 +22,11 @@ use crate::rehearsal::SchemaScope;
 use crate::runner::Runner;
 use crate::subscription::Route;
 use crate::target::{self, Purpose};
+
+/// What a migration without `--privileges` tells the operator.
+pub const NO_PRIVILEGES: &str = "the source's GRANTs and default privileges were not carried: the target has none \
+     of them, so the application's roles cannot use their tables there until you grant them (start \
+     --privileges carries them)";
 
 pub fn selection_from_wire(selection: Option<wire::TableSelection>) -> Selection {
     let selection = selection.unwrap_or_default();
@@ -61,6 +66,7 @@ pub async fn preflight(
         .clone()
         .preflight(wire::SourcePreflightRequest {
             tables: tables.iter().cloned().map(name_to_wire).collect(),
+            privileges: schema.privileges,
         })
         .await?
         .into_inner();
@@ -77,6 +83,7 @@ pub async fn preflight(
             .collect(),
         tables: source.tables.into_iter().map(name_from_wire).collect(),
         schemas: source.schemas.into_iter().map(SourceSchema::from).collect(),
+        roles: source.roles.into_iter().map(NamedRole::from).collect(),
     };
     let mut findings: Vec<Finding> = source.findings.into_iter().map(Finding::from).collect();
     let target = ctx
@@ -144,6 +151,7 @@ pub async fn preflight_call(ctx: &Context, request: wire::PreflightRequest) -> R
     let schema = SchemaScope {
         dump_exclude: planned.dump_exclude,
         skip,
+        privileges: request.privileges,
     };
     let route = subscription_route(ctx, request.direct, request.copy_only)?;
     preflight(
@@ -194,6 +202,7 @@ pub async fn start(runner: &Arc<Runner>, request: wire::StartRequest) -> Result<
     let schema = SchemaScope {
         dump_exclude: planned.dump_exclude.clone(),
         skip,
+        privileges: request.privileges,
     };
     let findings = preflight(
         ctx,
@@ -240,7 +249,11 @@ pub async fn start(runner: &Arc<Runner>, request: wire::StartRequest) -> Result<
         materialized_views: planned.materialized_views,
         copy_restarts: 0,
         stale_slots: Vec::new(),
-        events: Vec::new(),
+        events: if schema.privileges {
+            Vec::new()
+        } else {
+            vec![NO_PRIVILEGES.to_owned()]
+        },
         error: None,
         direct: request.direct,
         copy_only: request.copy_only,
@@ -251,6 +264,7 @@ pub async fn start(runner: &Arc<Runner>, request: wire::StartRequest) -> Result<
         detach: Default::default(),
         cutover: None,
         skip: schema.skip,
+        privileges: schema.privileges,
         source: Some(SourceIdentity {
             system_identifier: source.system_identifier,
             database: source.database,

@@ -109,6 +109,7 @@ fn source_facts(extensions: &[&str]) -> SourceFacts {
                 has_objects: true,
             },
         ],
+        roles: vec![],
     }
 }
 

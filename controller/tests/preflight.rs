@@ -20,6 +20,7 @@ fn facts() -> SourceFacts {
         extensions: vec![],
         tables: vec![QualifiedName::new("public", "orders")],
         schemas: vec![],
+        roles: vec![],
     }
 }
 

@@ -51,6 +51,55 @@ pub struct SourceFacts {
     /// The schemas the schema dump covers.
     #[serde(default)]
     pub schemas: Vec<SourceSchema>,
+    /// With `--privileges`: the roles the schema's GRANTs name.
+    #[serde(default)]
+    pub roles: Vec<NamedRole>,
+}
+
+/// A role a GRANT (or default privileges) of the source's schema names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NamedRole {
+    pub name: String,
+    pub login: bool,
+    pub inherit: bool,
+    pub create_db: bool,
+    pub create_role: bool,
+    /// -1: no limit.
+    pub connection_limit: i32,
+    /// The roles it is a member of.
+    pub member_of: Vec<String>,
+}
+
+impl NamedRole {
+    /// The statements that make it on another server: its attributes but
+    /// no password and no superuser's attribute (the operator sets those).
+    pub fn create_statements(&self) -> String {
+        let name = crate::ident::quote_ident(&self.name);
+        let mut attributes = vec![
+            if self.login { "LOGIN" } else { "NOLOGIN" },
+            if self.inherit { "INHERIT" } else { "NOINHERIT" },
+        ];
+        if self.create_db {
+            attributes.push("CREATEDB");
+        }
+        if self.create_role {
+            attributes.push("CREATEROLE");
+        }
+        let mut sql = format!("CREATE ROLE {name} {}", attributes.join(" "));
+        if self.connection_limit >= 0 {
+            sql.push_str(&format!(" CONNECTION LIMIT {}", self.connection_limit));
+        }
+        sql.push(';');
+        for group in &self.member_of {
+            sql.push_str(&format!(" GRANT {} TO {name};", crate::ident::quote_ident(group)));
+        }
+        if self.login {
+            sql.push_str(&format!(
+                " ALTER ROLE {name} PASSWORD '...'; -- set its password yourself"
+            ));
+        }
+        sql
+    }
 }
 
 /// A schema of the source, as the schema dump treats it.

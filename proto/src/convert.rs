@@ -1,7 +1,7 @@
 //! Conversions between wire types and the migration's domain types, in
 //! one place for both ends of every call.
 
-use walbridge_migration::finding::{Finding, Severity, Side, SourceSchema};
+use walbridge_migration::finding::{Finding, NamedRole, Severity, Side, SourceSchema};
 use walbridge_migration::ident::QualifiedName;
 
 use crate::v1 as wire;
@@ -75,6 +75,34 @@ impl From<wire::SourceSchema> for SourceSchema {
             name: schema.name,
             created_by_dump: schema.created_by_dump,
             has_objects: schema.has_objects,
+        }
+    }
+}
+
+impl From<NamedRole> for wire::NamedRole {
+    fn from(role: NamedRole) -> Self {
+        wire::NamedRole {
+            name: role.name,
+            login: role.login,
+            inherit: role.inherit,
+            create_db: role.create_db,
+            create_role: role.create_role,
+            connection_limit: role.connection_limit,
+            member_of: role.member_of,
+        }
+    }
+}
+
+impl From<wire::NamedRole> for NamedRole {
+    fn from(role: wire::NamedRole) -> Self {
+        NamedRole {
+            name: role.name,
+            login: role.login,
+            inherit: role.inherit,
+            create_db: role.create_db,
+            create_role: role.create_role,
+            connection_limit: role.connection_limit,
+            member_of: role.member_of,
         }
     }
 }

@@ -151,6 +151,9 @@ pub struct MigrationRecord {
     /// Schema entries left out of the dump (`start --skip`).
     #[serde(default)]
     pub skip: Vec<Skip>,
+    /// GRANTs and default privileges are carried (`start --privileges`).
+    #[serde(default)]
+    pub privileges: bool,
 }
 
 /// The two statements that detach the subscription, each recorded once

@@ -16,8 +16,8 @@ use crate::schema;
 pub async fn run(ctx: &Context, agent: &AgentClient, record: &mut MigrationRecord) -> Result<(), StepError> {
     let snapshot = snapshot::held(agent, record).await?;
     let target = ctx.target()?;
-    let post_data = schema::dump(agent, &snapshot, "post-data", &record.dump_exclude).await?;
-    let pre_data = schema::dump(agent, &snapshot, "pre-data", &record.dump_exclude).await?;
+    let post_data = schema::dump(agent, &snapshot, "post-data", &record.dump_exclude, record.privileges).await?;
+    let pre_data = schema::dump(agent, &snapshot, "pre-data", &record.dump_exclude, record.privileges).await?;
     let (pre_data, post_data) = (
         skip::filter(pre_data, &record.skip),
         skip::filter(post_data, &record.skip),

@@ -1,0 +1,101 @@
+//! While the application keeps changing things: its privileges, its
+//! TRUNCATEs, its new tables and columns either reach the target or stop
+//! the cutover with a clear reason.
+
+use std::time::Duration;
+
+use harness::Cluster;
+use harness::daemons::eventually;
+
+use crate::support::{DATABASE, Migration, Session};
+
+const STREAM_TIMEOUT: Duration = Duration::from_secs(120);
+
+const SCHEMA: &str = "\
+    CREATE ROLE app_user LOGIN PASSWORD 'app-user-password'; \
+    CREATE TABLE orders (id bigserial PRIMARY KEY, amount int NOT NULL); \
+    INSERT INTO orders (amount) SELECT i FROM generate_series(1, 100) i; \
+    GRANT SELECT, INSERT, UPDATE, DELETE ON orders TO app_user; \
+    GRANT USAGE ON SEQUENCE orders_id_seq TO app_user;";
+
+fn stream(m: &Migration, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["start", "--agent", "east", "--json"];
+    args.extend_from_slice(extra);
+    let (code, status, stderr) = m.cli_json(&args);
+    assert_eq!(code, Some(0), "start: {stderr} {status}");
+    eventually(STREAM_TIMEOUT, "the subscription to stream", || {
+        (m.status()["subscription"] == "streaming").then_some(())
+    });
+    status
+}
+
+fn cut_over(m: &Migration) {
+    let (code, cutover, stderr) = m.cli_json(&["cutover", "--max-lag", "2s", "--timeout", "60s", "--json"]);
+    assert_eq!(code, Some(0), "cutover: {stderr} {cutover}");
+}
+
+#[test]
+fn with_privileges_the_applications_role_uses_its_tables_on_the_target() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(source, SCHEMA);
+    // The target lacks the role: preflight says so, with what creates it.
+    let (code, report, stderr) = m.cli_json(&["preflight", "--agent", "east", "--privileges", "--json"]);
+    assert_eq!(code, Some(1), "{stderr} {report}");
+    let missing = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "missing_role")
+        .unwrap_or_else(|| panic!("no missing_role finding: {report}"))
+        .clone();
+    assert_eq!(missing["object"], "app_user", "{missing}");
+    let fix = missing["fix"].as_str().unwrap();
+    assert!(fix.starts_with("CREATE ROLE app_user LOGIN"), "{fix}");
+    assert!(!fix.contains("app-user-password"), "never the source's password: {fix}");
+    let create = fix.split(" ALTER ROLE").next().unwrap();
+    m.target.psql(
+        "postgres",
+        &format!("{create} ALTER ROLE app_user PASSWORD 'target-password'"),
+    );
+
+    let status = stream(&m, &["--privileges"]);
+    assert!(!status["events"].to_string().contains("not carried"), "{status}");
+    m.source.psql(DATABASE, "INSERT INTO orders (amount) VALUES (-1)");
+    cut_over(&m);
+
+    let as_app = format!(
+        "postgres://app_user:target-password@{}:{}/{DATABASE}",
+        m.target.host(),
+        m.target.port()
+    );
+    let app = Session::open(&as_app);
+    assert_eq!(app.value("SELECT count(*) FROM orders").unwrap(), "101");
+    app.execute("INSERT INTO orders (amount) VALUES (7); UPDATE orders SET amount = 8 WHERE amount = 7")
+        .expect("the application's role writes its table on the target");
+}
+
+#[test]
+fn without_privileges_the_report_says_the_target_has_none_of_the_grants() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(source, SCHEMA);
+    m.target
+        .psql("postgres", "CREATE ROLE app_user LOGIN PASSWORD 'target-password'");
+    let out = m.cli(&["start", "--agent", "east", "--copy-only"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("the target has none of them"),
+        "start's report says so: {report}"
+    );
+    let as_app = format!(
+        "postgres://app_user:target-password@{}:{}/{DATABASE}",
+        m.target.host(),
+        m.target.port()
+    );
+    let app = Session::open(&as_app);
+    let refused = app.value("SELECT count(*) FROM orders").unwrap_err();
+    assert!(
+        refused.to_string().contains("permission denied") || format!("{refused:?}").contains("permission denied"),
+        "{refused:?}"
+    );
+}
