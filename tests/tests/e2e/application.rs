@@ -99,3 +99,40 @@ fn without_privileges_the_report_says_the_target_has_none_of_the_grants() {
         "{refused:?}"
     );
 }
+
+#[test]
+fn a_truncate_during_streaming_reaches_the_target_and_verify_is_exact() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(
+        source,
+        "CREATE TABLE events (id int PRIMARY KEY, note text); \
+         INSERT INTO events SELECT i, 'before' FROM generate_series(1, 500) i; \
+         CREATE TABLE kept (id int PRIMARY KEY); INSERT INTO kept SELECT generate_series(1, 10);",
+    );
+    stream(&m, &[]);
+    m.source.psql(
+        DATABASE,
+        "TRUNCATE events; INSERT INTO events SELECT i, 'after' FROM generate_series(1, 7) i",
+    );
+    eventually(
+        STREAM_TIMEOUT,
+        "the TRUNCATE and the rows after it on the target",
+        || {
+            (m.target
+                .psql(DATABASE, "SELECT count(*) || ':' || min(note) FROM events")
+                == "7:after")
+                .then_some(())
+        },
+    );
+    cut_over(&m);
+    let (code, verify, stderr) = m.cli_json(&["verify", "--json"]);
+    assert_eq!(code, Some(0), "verify: {stderr} {verify}");
+    assert!(
+        verify["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["matches"] == true),
+        "{verify}"
+    );
+}
