@@ -458,6 +458,36 @@ impl AgentService for Agent {
         Ok(Response::new(ReceiverStream::new(stream)))
     }
 
+    async fn table_definitions(
+        &self,
+        request: Request<wire::TableDefinitionsRequest>,
+    ) -> Result<Response<wire::TableDefinitionsResponse>, Status> {
+        let span = self.span("table_definitions", &request);
+        async {
+            let tables: Vec<QualifiedName> = request.into_inner().tables.into_iter().map(name_from_wire).collect();
+            let client = self.source_client().await?;
+            let rows = client
+                .query(
+                    walbridge_migration::definition::DEFINITIONS_SQL,
+                    &[&walbridge_migration::definition::table_list(&tables)],
+                )
+                .await
+                .map_err(|e| crate::fault::source_status("reading the tables' definitions failed", &e))?;
+            Ok(Response::new(wire::TableDefinitionsResponse {
+                definitions: rows
+                    .iter()
+                    .map(|row| wire::TableDefinitionText {
+                        table: row.get(0),
+                        schema: row.get(1),
+                        json: row.get(2),
+                    })
+                    .collect(),
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
     async fn sequences(
         &self,
         request: Request<wire::SequencesRequest>,

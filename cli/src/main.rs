@@ -108,6 +108,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Bring the target's tables in line with the source's while the migration streams.
+    ///
+    /// Applies the additive differences `status` shows under schema_drift — columns added on
+    /// the source, indexes, widened types — each as its own statement on the target, and lists
+    /// the rest (dropped or narrowed columns, changed constraints) with the DDL a person may run.
+    /// The cutover refuses while any difference remains.
+    SyncSchema {
+        /// Say what would be applied; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Lift the write fence a cutover left on the source.
     ReleaseSource {
         #[arg(long)]
@@ -324,6 +337,9 @@ fn main() -> ExitCode {
         }),
         Command::ReleaseSource { json } => with_controller(&matches, |address| async move {
             migrate::removal(&address, migrate::Removal::ReleaseSource, json).await
+        }),
+        Command::SyncSchema { dry_run, json } => with_controller(&matches, |address| async move {
+            migrate::sync_schema(&address, dry_run, json).await
         }),
         Command::Abort { force, json } => with_controller(&matches, |address| async move {
             migrate::removal(&address, migrate::Removal::Abort { force }, json).await

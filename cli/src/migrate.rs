@@ -216,6 +216,7 @@ struct StatusView {
     slot_active: bool,
     /// What the controller runs now: "" when the migration rests.
     running: String,
+    schema_drift: Vec<DriftView>,
     retries: Vec<RetryView>,
     waiting: Option<WaitView>,
     subscription: String,
@@ -301,6 +302,7 @@ impl From<&wire::StatusResponse> for StatusView {
             retained_wal_bytes: status.retained_wal_bytes,
             slot_active: status.slot_active,
             running: status.running.clone(),
+            schema_drift: status.schema_drift.iter().map(DriftView::from).collect(),
             retries: status
                 .retries
                 .iter()
@@ -347,6 +349,14 @@ fn print_status(status: &wire::StatusResponse) {
     }
     if !status.running.is_empty() {
         println!("running: {}", status.running);
+    }
+    for drift in &status.schema_drift {
+        let how = if drift.additive {
+            "sync-schema applies"
+        } else {
+            "by hand"
+        };
+        println!("schema drift on {}: {} ({how}: {})", drift.table, drift.what, drift.ddl);
     }
     if let Some(waiting) = &status.waiting {
         println!(
@@ -531,6 +541,64 @@ pub async fn removal(address: &ApiAddress, which: Removal, json: bool) -> Result
         println!("phase {}", response.phase);
     }
     Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct DriftView {
+    table: String,
+    what: String,
+    ddl: String,
+    additive: bool,
+}
+
+impl From<&wire::SchemaDrift> for DriftView {
+    fn from(d: &wire::SchemaDrift) -> Self {
+        DriftView {
+            table: d.table.clone(),
+            what: d.what.clone(),
+            ddl: d.ddl.clone(),
+            additive: d.additive,
+        }
+    }
+}
+
+pub async fn sync_schema(address: &ApiAddress, dry_run: bool, json: bool) -> Result<(), Failure> {
+    let mut client = connect(address).await.map_err(Failure::Operation)?;
+    let synced = client
+        .sync_schema(wire::SyncSchemaRequest { dry_run })
+        .await
+        .map_err(call_failed)?
+        .into_inner();
+    if json {
+        let views = |list: &[wire::SchemaDrift]| list.iter().map(DriftView::from).collect::<Vec<_>>();
+        print_json(&serde_json::json!({
+            "applied": views(&synced.applied),
+            "remaining": views(&synced.remaining),
+            "errors": synced.errors,
+        }));
+    } else {
+        let verb = if dry_run { "would apply" } else { "applied" };
+        for drift in &synced.applied {
+            println!("{verb} on {}: {}", drift.table, drift.ddl);
+        }
+        for drift in &synced.remaining {
+            println!("left to you on {}: {} ({})", drift.table, drift.what, drift.ddl);
+        }
+        for error in &synced.errors {
+            println!("error: {error}");
+        }
+        if synced.applied.is_empty() && synced.remaining.is_empty() {
+            println!("the target's tables match the source's");
+        }
+    }
+    if synced.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Operation(format!(
+            "the target refused {} statement(s)",
+            synced.errors.len()
+        )))
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -159,6 +159,22 @@ impl ControllerApi for Api {
         Ok(Response::new(cleanup_response(removed, &phase)))
     }
 
+    async fn sync_schema(
+        &self,
+        request: Request<wire::SyncSchemaRequest>,
+    ) -> Result<Response<wire::SyncSchemaResponse>, Status> {
+        let synced = self
+            .runner
+            .sync_schema(request.get_ref().dry_run)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(wire::SyncSchemaResponse {
+            applied: synced.applied.into_iter().map(crate::drift::to_wire).collect(),
+            remaining: synced.remaining.into_iter().map(crate::drift::to_wire).collect(),
+            errors: synced.errors,
+        }))
+    }
+
     async fn verify(&self, request: Request<wire::VerifyRequest>) -> Result<Response<wire::VerifyResponse>, Status> {
         verify::verify(self.runner.ctx(), request.into_inner())
             .await

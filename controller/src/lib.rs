@@ -15,6 +15,7 @@
 //! * [`target`]: sessions on the target, one kind per purpose.
 //! * [`bookkeeping`]: what the target records of the work done on it.
 //! * [`plan`]: from catalog and selection to what is copied.
+//! * [`drift`]: how the target's tables differ from the source's now.
 //! * [`schema`]: pg_dump's sections applied to the target.
 //! * [`transfer`]: table data into the target; checksums.
 //! * [`preflight`]: the target-side checks; [`rehearsal`]: the schema tried
@@ -35,6 +36,7 @@ pub mod api;
 pub mod bookkeeping;
 pub mod config;
 pub mod door;
+pub mod drift;
 pub mod fault;
 pub mod link;
 pub mod metrics;

@@ -385,31 +385,6 @@ pub fn refusal(findings: &[Finding]) -> Option<String> {
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn starts_refusal_stays_short_however_many_errors() {
-        let findings: Vec<Finding> = (0..311)
-            .map(|i| error("schema_statement", format!("TABLE public.t{i}"), "x".repeat(2000), ""))
-            .chain(std::iter::once(warning("target_room", "", "a warning", "")))
-            .collect();
-        let refused = refusal(&findings).unwrap();
-        assert!(
-            refused.starts_with("preflight found 311 error(s); nothing was created."),
-            "{refused}"
-        );
-        assert!(
-            refused.contains("TABLE public.t4:") && !refused.contains("TABLE public.t5:"),
-            "{refused}"
-        );
-        assert!(refused.ends_with("... and 306 more"), "{refused}");
-        assert!(refused.len() < 2500, "{} bytes", refused.len());
-        assert_eq!(refusal(&findings[311..]), None, "warnings alone refuse nothing");
-    }
-}
-
 /// With `--privileges`: the roles the schema's GRANTs name that the target
 /// lacks (each GRANT to one would fail), each with what creates it.
 async fn missing_roles(client: &Client, roles: &[NamedRole]) -> Result<Vec<Finding>, tokio_postgres::Error> {
@@ -436,4 +411,29 @@ async fn missing_roles(client: &Client, roles: &[NamedRole]) -> Result<Vec<Findi
             )
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_refusal_stays_short_however_many_errors() {
+        let findings: Vec<Finding> = (0..311)
+            .map(|i| error("schema_statement", format!("TABLE public.t{i}"), "x".repeat(2000), ""))
+            .chain(std::iter::once(warning("target_room", "", "a warning", "")))
+            .collect();
+        let refused = refusal(&findings).unwrap();
+        assert!(
+            refused.starts_with("preflight found 311 error(s); nothing was created."),
+            "{refused}"
+        );
+        assert!(
+            refused.contains("TABLE public.t4:") && !refused.contains("TABLE public.t5:"),
+            "{refused}"
+        );
+        assert!(refused.ends_with("... and 306 more"), "{refused}");
+        assert!(refused.len() < 2500, "{} bytes", refused.len());
+        assert_eq!(refusal(&findings[311..]), None, "warnings alone refuse nothing");
+    }
 }

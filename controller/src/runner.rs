@@ -29,6 +29,7 @@ pub enum Operation {
     Abort,
     Cleanup,
     ReleaseSource,
+    SyncSchema,
 }
 
 impl Operation {
@@ -39,6 +40,7 @@ impl Operation {
             Operation::Abort => "abort",
             Operation::Cleanup => "cleanup",
             Operation::ReleaseSource => "release-source",
+            Operation::SyncSchema => "sync-schema",
         }
     }
 }
@@ -272,6 +274,17 @@ impl Runner {
         }
         let agent = self.connected_agent(&record)?;
         let claim = self.claim(Operation::Cutover)?;
+        // The target must be the source's shape first: a change the
+        // subscription cannot apply would hold every write at the fence.
+        let drift = crate::drift::detect(&self.ctx, &agent, &record)
+            .await
+            .map_err(RunError::Fault)?;
+        if !drift.is_empty() {
+            return Err(RunError::Refused(format!(
+                "the target's tables differ from the source's, so the cutover would stall: {}; nothing was fenced",
+                crate::drift::describe(&drift)
+            )));
+        }
         let ctx = self.ctx.clone();
         let task = self.tasks.spawn(async move {
             let report = cutover::run(&ctx, &agent, options, &claim.cancel).await;
@@ -347,6 +360,27 @@ impl Runner {
             .await;
             drop(claim);
             outcome
+        });
+        self.finish(task).await
+    }
+
+    /// Applies the additive schema drift of a streaming migration.
+    pub async fn sync_schema(self: &Arc<Self>, dry_run: bool) -> Result<crate::drift::Synced, RunError> {
+        let record = self.current()?;
+        if record.phase != Phase::Streaming {
+            return Err(RunError::Refused(format!(
+                "migration {} is in phase {}: sync-schema brings a streaming migration's target in line",
+                record.id,
+                record.phase.name()
+            )));
+        }
+        let agent = self.connected_agent(&record)?;
+        let claim = self.claim(Operation::SyncSchema)?;
+        let ctx = self.ctx.clone();
+        let task = self.tasks.spawn(async move {
+            let synced = crate::drift::sync(&ctx, &agent, &record, dry_run).await;
+            drop(claim);
+            synced.map_err(StepError::from)
         });
         self.finish(task).await
     }

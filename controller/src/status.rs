@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
+use walbridge_migration::definition::Drift;
 use walbridge_proto::v1 as wire;
 
 use crate::link::unix_ms;
@@ -29,6 +30,8 @@ pub struct Health {
     /// Errors its workers hit (PostgreSQL 15 and later).
     pub subscription_errors: u64,
     pub warnings: Vec<String>,
+    /// How the target's tables differ from the source's (while streaming).
+    pub drift: Vec<Drift>,
 }
 
 pub async fn health(ctx: &Context, record: &MigrationRecord) -> Option<Health> {
@@ -76,11 +79,40 @@ pub async fn health(ctx: &Context, record: &MigrationRecord) -> Option<Health> {
             record.subscription
         ));
     }
+    // Read every HEALTH_INTERVAL by `watch_health`: comparing the catalogs
+    // on each status call would cost both servers more than status is worth.
+    let drift = if record.phase == Phase::Streaming {
+        ctx.state.drift()
+    } else {
+        Vec::new()
+    };
+    let missing_columns: Vec<&Drift> = drift
+        .iter()
+        .filter(|d| d.what.contains("is missing on the target"))
+        .collect();
     if subscription_errors > 0 && record.phase == Phase::Streaming {
+        if missing_columns.is_empty() {
+            warnings.push(format!(
+                "subscription {} has hit {subscription_errors} error(s) applying changes; it retries, and the \
+                 target's server log says what fails",
+                record.subscription
+            ));
+        } else {
+            // The usual reason: the source has a column the target lacks,
+            // so no change to that table can be applied.
+            warnings.push(format!(
+                "subscription {} is stalled ({subscription_errors} errors applying changes): {}; \
+                 `walbridge sync-schema` adds what is missing",
+                record.subscription,
+                crate::drift::describe(&missing_columns.into_iter().cloned().collect::<Vec<_>>())
+            ));
+        }
+    }
+    if !drift.is_empty() {
         warnings.push(format!(
-            "subscription {} has hit {subscription_errors} error(s) applying changes; it retries, and the \
-             target's server log says what fails",
-            record.subscription
+            "the target's tables differ from the source's in {} way(s): cutover refuses until they agree \
+             (`walbridge sync-schema` applies the additive ones; see schema_drift)",
+            drift.len()
         ));
     }
     Some(Health {
@@ -88,6 +120,7 @@ pub async fn health(ctx: &Context, record: &MigrationRecord) -> Option<Health> {
         subscription,
         subscription_errors,
         warnings,
+        drift,
     })
 }
 
@@ -103,6 +136,12 @@ pub async fn watch_health(ctx: Arc<Context>, shutdown: CancellationToken) {
         };
         if record.phase != Phase::Streaming {
             continue;
+        }
+        if let Some(agent) = ctx.registry.get(&record.agent) {
+            match crate::drift::detect(&ctx, &agent.client, &record).await {
+                Ok(drift) => ctx.state.set_drift(drift),
+                Err(e) => tracing::warn!(migration = %record.id, error = %e, "cannot compare the schemas"),
+            }
         }
         if let Some(health) = health(&ctx, &record).await {
             for warning in health.warnings {
@@ -142,12 +181,13 @@ pub async fn status(runner: &Runner) -> Result<wire::StatusResponse, Status> {
         })
         .collect();
     let health = health(ctx, &record).await;
-    let (slot, subscription, subscription_errors, warnings) = match health {
+    let (slot, subscription, subscription_errors, warnings, drift) = match health {
         Some(h) => (
             h.slot,
             h.subscription.name().to_owned(),
             h.subscription_errors,
             h.warnings,
+            h.drift,
         ),
         None => Default::default(),
     };
@@ -177,6 +217,7 @@ pub async fn status(runner: &Runner) -> Result<wire::StatusResponse, Status> {
         retries,
         waiting,
         running: runner.running().map(|op| op.name().to_owned()).unwrap_or_default(),
+        schema_drift: drift.into_iter().map(crate::drift::to_wire).collect(),
         subscription,
         subscription_errors,
         warnings,

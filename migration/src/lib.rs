@@ -3,6 +3,8 @@
 //! * [`ident`]: schema-qualified names, quoted in one place only.
 //! * [`lsn`]: WAL positions.
 //! * [`copy`]: the SQL of the copy and of its checksum, for both sides.
+//! * [`definition`]: a table's definition on either side, and the drift
+//!   between them.
 //! * [`fault`]: what went wrong, classified, and the one policy for it.
 //! * [`finding`]: what preflight reports.
 //! * [`script`]: pg_dump's SQL script split into statements.
@@ -13,6 +15,7 @@
 //! **Architecture invariant**: no I/O here; pure types and functions.
 
 pub mod copy;
+pub mod definition;
 pub mod fault;
 pub mod finding;
 pub mod ident;

@@ -50,6 +50,8 @@ struct Live {
     cutover: Option<CutoverReport>,
     /// The agent's link whose source was checked against the pinned one.
     verified_link: Option<u64>,
+    /// How the target's tables differed from the source's when last compared.
+    drift: Vec<walbridge_migration::definition::Drift>,
 }
 
 pub struct MigrationState {
@@ -189,6 +191,14 @@ impl MigrationState {
 
     pub fn set_verified_link(&self, link_id: u64) {
         self.live().verified_link = Some(link_id);
+    }
+
+    pub fn set_drift(&self, drift: Vec<walbridge_migration::definition::Drift>) {
+        self.live().drift = drift;
+    }
+
+    pub fn drift(&self) -> Vec<walbridge_migration::definition::Drift> {
+        self.live().drift.clone()
     }
 
     pub fn set_live_cutover(&self, report: Option<CutoverReport>) {
