@@ -121,6 +121,8 @@ pub struct SchemaDump {
     pub exclude: Vec<QualifiedName>,
     /// GRANTs and default privileges too (`start --privileges`).
     pub privileges: bool,
+    /// Only these tables (empty: all but `exclude`).
+    pub only: Vec<QualifiedName>,
 }
 
 /// Streams `pg_dump --schema-only --section=<section>` as `dump` says.
@@ -130,6 +132,7 @@ pub async fn dump_schema(source: Database, pg_dump: String, dump: SchemaDump, ou
         section,
         exclude,
         privileges,
+        only,
     } = dump;
     let result = async {
         let mut command = tokio::process::Command::new(&pg_dump);
@@ -145,6 +148,9 @@ pub async fn dump_schema(source: Database, pg_dump: String, dump: SchemaDump, ou
             .kill_on_drop(true);
         for table in &exclude {
             command.arg(format!("--exclude-table={}", dump_pattern(table)));
+        }
+        for table in &only {
+            command.arg(format!("--table={}", dump_pattern(table)));
         }
         let mut child = command
             .spawn()

@@ -7,6 +7,7 @@
 //! * [`service`]: the gRPC service the controller calls.
 //! * [`source`]: what the agent sees of the source database.
 //! * [`catalog`]: the source's tables and columns.
+//! * [`publication`]: the migration's publication, grown as tables appear.
 //! * [`snapshot`]: the slot's exported snapshots, held while the copy runs.
 //! * [`copy`]: schema and table streams, checksums.
 //! * [`preflight`]: the source-side checks.
@@ -29,6 +30,7 @@ pub mod grants;
 pub mod link;
 pub mod preflight;
 pub mod privileges;
+pub mod publication;
 pub mod replication;
 pub mod service;
 pub mod snapshot;

@@ -267,6 +267,7 @@ impl AgentService for Agent {
                     section: request.section,
                     exclude: request.exclude.into_iter().map(name_from_wire).collect(),
                     privileges: request.privileges,
+                    only: request.only.into_iter().map(name_from_wire).collect(),
                 },
                 out,
             )
@@ -456,6 +457,29 @@ impl AgentService for Agent {
             .tasks
             .spawn(crate::fence::run(self.state.source.clone(), request.into_inner(), events).instrument(span));
         Ok(Response::new(ReceiverStream::new(stream)))
+    }
+
+    async fn publish_tables(
+        &self,
+        request: Request<wire::PublishTablesRequest>,
+    ) -> Result<Response<wire::PublishTablesResponse>, Status> {
+        let span = self.span("publish_tables", &request);
+        async {
+            let request = request.into_inner();
+            let tables: Vec<QualifiedName> = request.tables.into_iter().map(name_from_wire).collect();
+            let reader = match &self.state.subscription_role {
+                crate::subscription_role::SubscriptionRole::Configured { user, .. } => user.clone(),
+                crate::subscription_role::SubscriptionRole::PerMigration => request.reader,
+            };
+            let client = self.source_client().await?;
+            crate::publication::add(&client, &request.publication, &tables, &reader)
+                .await
+                .map_err(|e| crate::fault::source_status("cannot add the new tables to the publication", &e))?;
+            tracing::info!(publication = %request.publication, tables = ?tables, "tables added to the publication");
+            Ok(Response::new(wire::PublishTablesResponse {}))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn table_definitions(

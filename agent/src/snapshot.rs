@@ -84,19 +84,7 @@ impl Snapshots {
                 kind: crate::fault::connect_kind(&e),
                 message: e.to_string(),
             })?;
-        let table_list = tables.iter().map(QualifiedName::quoted).collect::<Vec<_>>().join(", ");
-        let exists = client
-            .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
-            .await
-            .map_err(source_error)?
-            .is_some();
-        let statement = if exists {
-            format!("ALTER PUBLICATION {} SET TABLE {table_list}", quote_ident(publication))
-        } else {
-            format!("CREATE PUBLICATION {} FOR TABLE {table_list}", quote_ident(publication))
-        };
-        client
-            .batch_execute(&statement)
+        crate::publication::ensure(&client, publication, tables)
             .await
             .map_err(|e| SnapshotError::Publication {
                 publication: publication.to_owned(),
@@ -184,13 +172,6 @@ impl Snapshots {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Holder>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-fn source_error(e: tokio_postgres::Error) -> SnapshotError {
-    SnapshotError::Source {
-        kind: crate::fault::kind_of(&e),
-        message: describe(&e),
     }
 }
 

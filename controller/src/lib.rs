@@ -15,6 +15,7 @@
 //! * [`target`]: sessions on the target, one kind per purpose.
 //! * [`bookkeeping`]: what the target records of the work done on it.
 //! * [`plan`]: from catalog and selection to what is copied.
+//! * [`catalog_watch`]: tables and partitions created while streaming.
 //! * [`drift`]: how the target's tables differ from the source's now.
 //! * [`schema`]: pg_dump's sections applied to the target.
 //! * [`transfer`]: table data into the target; checksums.
@@ -34,6 +35,7 @@
 
 pub mod api;
 pub mod bookkeeping;
+pub mod catalog_watch;
 pub mod config;
 pub mod door;
 pub mod drift;
@@ -203,7 +205,7 @@ impl BoundController {
                 shutdown.clone(),
             ));
         }
-        tasks.spawn(status::watch_health(ctx.clone(), shutdown.clone()));
+        tasks.spawn(status::watch_health(runner.clone(), shutdown.clone()));
         // A migration interrupted by a restart carries on where its journal
         // says it was.
         runner.resume().map_err(|e| e.to_string())?;

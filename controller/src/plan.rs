@@ -77,7 +77,9 @@ pub fn plan(catalog: Vec<wire::SourceTable>, selection: &Selection, split_bytes:
             } else {
                 Vec::new()
             };
+            let root = root_of(&name);
             TableRecord {
+                root: (root != name).then_some(root),
                 size_bytes: table.size_bytes,
                 name,
                 columns: table

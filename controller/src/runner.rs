@@ -30,6 +30,7 @@ pub enum Operation {
     Cleanup,
     ReleaseSource,
     SyncSchema,
+    CatalogWatch,
 }
 
 impl Operation {
@@ -41,6 +42,7 @@ impl Operation {
             Operation::Cleanup => "cleanup",
             Operation::ReleaseSource => "release-source",
             Operation::SyncSchema => "sync-schema",
+            Operation::CatalogWatch => "the look at the source's new tables",
         }
     }
 }
@@ -274,6 +276,21 @@ impl Runner {
         }
         let agent = self.connected_agent(&record)?;
         let claim = self.claim(Operation::Cutover)?;
+        // Tables the application created since the last look: the cutover
+        // must not leave any behind.
+        let mut record = record;
+        let look = crate::catalog_watch::look(&self.ctx, &agent, &mut record)
+            .await
+            .map_err(RunError::Fault)?;
+        if look.changed {
+            self.ctx.state.save(&record).await?;
+        }
+        if !look.refusals.is_empty() {
+            return Err(RunError::Refused(format!(
+                "tables created on the source while streaming are not ready: {}; nothing was fenced",
+                look.refusals.join("; ")
+            )));
+        }
         // The target must be the source's shape first: a change the
         // subscription cannot apply would hold every write at the fence.
         let drift = crate::drift::detect(&self.ctx, &agent, &record)
@@ -362,6 +379,36 @@ impl Runner {
             outcome
         });
         self.finish(task).await
+    }
+
+    /// Takes in the tables the application created on the source since the
+    /// last look (a streaming migration only; skipped while anything else
+    /// runs).
+    pub async fn watch_catalog(self: &Arc<Self>) {
+        let Ok(Some(mut record)) = self.ctx.state.current() else {
+            return;
+        };
+        if record.phase != Phase::Streaming {
+            return;
+        }
+        let Ok(agent) = self.connected_agent(&record) else {
+            return;
+        };
+        let Ok(claim) = self.claim(Operation::CatalogWatch) else {
+            return;
+        };
+        match crate::catalog_watch::look(&self.ctx, &agent, &mut record).await {
+            Ok(look) if look.changed => {
+                if let Err(e) = self.ctx.state.save(&record).await {
+                    tracing::error!(error = %e, "cannot record the new tables");
+                }
+            }
+            Ok(_) => {}
+            Err(fault) => {
+                tracing::warn!(kind = fault.kind.name(), error = %fault, "cannot look at the source's new tables")
+            }
+        }
+        drop(claim);
     }
 
     /// Applies the additive schema drift of a streaming migration.

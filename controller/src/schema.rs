@@ -35,14 +35,44 @@ pub async fn dump(
     exclude: &[QualifiedName],
     privileges: bool,
 ) -> Result<Vec<Statement>, Fault> {
-    let mut stream = agent
-        .clone()
-        .dump_schema(wire::DumpSchemaRequest {
+    dump_request(
+        agent,
+        wire::DumpSchemaRequest {
             snapshot: snapshot.to_owned(),
             section: section.to_owned(),
             exclude: exclude.iter().cloned().map(name_to_wire).collect(),
             privileges,
-        })
+            only: Vec::new(),
+        },
+    )
+    .await
+}
+
+/// One section of just these tables, dumped now (no snapshot).
+pub async fn dump_tables(
+    agent: &AgentClient,
+    section: &str,
+    tables: &[QualifiedName],
+    privileges: bool,
+) -> Result<Vec<Statement>, Fault> {
+    dump_request(
+        agent,
+        wire::DumpSchemaRequest {
+            snapshot: String::new(),
+            section: section.to_owned(),
+            exclude: Vec::new(),
+            privileges,
+            only: tables.iter().cloned().map(name_to_wire).collect(),
+        },
+    )
+    .await
+}
+
+async fn dump_request(agent: &AgentClient, request: wire::DumpSchemaRequest) -> Result<Vec<Statement>, Fault> {
+    let section = request.section.clone();
+    let mut stream = agent
+        .clone()
+        .dump_schema(request)
         .await
         .map_err(|s| crate::fault::agent(format!("cannot dump the {section} schema"), &s))?
         .into_inner();

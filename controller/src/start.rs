@@ -265,6 +265,8 @@ pub async fn start(runner: &Arc<Runner>, request: wire::StartRequest) -> Result<
         cutover: None,
         skip: schema.skip,
         privileges: schema.privileges,
+        syncing: Vec::new(),
+        refused_tables: Vec::new(),
         source: Some(SourceIdentity {
             system_identifier: source.system_identifier,
             database: source.database,

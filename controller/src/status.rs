@@ -124,8 +124,10 @@ pub async fn health(ctx: &Context, record: &MigrationRecord) -> Option<Health> {
     })
 }
 
-/// Logs health warnings while a migration streams.
-pub async fn watch_health(ctx: Arc<Context>, shutdown: CancellationToken) {
+/// While a migration streams: takes in the source's new tables, compares
+/// the schemas, and logs health warnings.
+pub async fn watch_health(runner: Arc<Runner>, shutdown: CancellationToken) {
+    let ctx = runner.ctx().clone();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
@@ -137,6 +139,7 @@ pub async fn watch_health(ctx: Arc<Context>, shutdown: CancellationToken) {
         if record.phase != Phase::Streaming {
             continue;
         }
+        runner.watch_catalog().await;
         if let Some(agent) = ctx.registry.get(&record.agent) {
             match crate::drift::detect(&ctx, &agent.client, &record).await {
                 Ok(drift) => ctx.state.set_drift(drift),

@@ -281,6 +281,13 @@ pub async fn health(client: &Client, name: &str) -> Result<(State, u64), Fault> 
     Ok((state, errors))
 }
 
+/// Has the subscription learn the tables its publication gained, and copy
+/// them (its table synchronisation: a consistent copy, then the changes
+/// since, with no gap).
+pub async fn refresh_copying_new_tables(client: &Client, name: &str) -> Result<(), Fault> {
+    alter(client, name, "REFRESH PUBLICATION WITH (copy_data = true)").await
+}
+
 /// Stops the subscription's apply worker: the first half of detaching.
 pub async fn disable(client: &Client, name: &str) -> Result<(), Fault> {
     alter(client, name, "DISABLE").await

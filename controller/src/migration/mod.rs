@@ -39,7 +39,8 @@ use walbridge_daemon::pg::Database;
 use walbridge_migration::fault::Fault;
 
 pub use record::{
-    CutoverReport, Detach, MigrationRecord, Phase, SnapshotRecord, SourceIdentity, TableRecord, TableState, slot_name,
+    CutoverReport, Detach, MigrationRecord, Phase, RefusedTable, SnapshotRecord, SourceIdentity, TableRecord,
+    TableState, slot_name,
 };
 pub use state::MigrationState;
 

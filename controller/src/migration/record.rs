@@ -154,6 +154,20 @@ pub struct MigrationRecord {
     /// GRANTs and default privileges are carried (`start --privileges`).
     #[serde(default)]
     pub privileges: bool,
+    /// Tables created on the source while streaming that the subscription
+    /// is copying now (their indexes follow once it has).
+    #[serde(default)]
+    pub syncing: Vec<QualifiedName>,
+    /// Tables created on the source while streaming that cannot be
+    /// migrated as they are: the cutover refuses while any is here.
+    #[serde(default)]
+    pub refused_tables: Vec<RefusedTable>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedTable {
+    pub name: QualifiedName,
+    pub why: String,
 }
 
 /// The two statements that detach the subscription, each recorded once
@@ -195,6 +209,11 @@ pub enum TableState {
     Copied,
     Verified,
     Failed,
+    /// Created on the source while streaming: the subscription copies it.
+    Syncing,
+    /// Its rows arrive through the subscription (a table the subscription
+    /// copied, a partition created while streaming).
+    Streamed,
 }
 
 impl TableState {
@@ -205,11 +224,17 @@ impl TableState {
             TableState::Copied => "copied",
             TableState::Verified => "verified",
             TableState::Failed => "failed",
+            TableState::Syncing => "syncing",
+            TableState::Streamed => "streamed",
         }
     }
 
+    /// Nothing is left for the copy to do.
     pub fn is_done(self) -> bool {
-        matches!(self, TableState::Copied | TableState::Verified)
+        matches!(
+            self,
+            TableState::Copied | TableState::Verified | TableState::Syncing | TableState::Streamed
+        )
     }
 }
 
@@ -233,4 +258,7 @@ pub struct TableRecord {
     /// How many times this table's copy was started (the status and the
     /// tests use it to show a finished table is not copied again).
     pub copy_attempts: u32,
+    /// For a partition: the published table at the top of its tree.
+    #[serde(default)]
+    pub root: Option<QualifiedName>,
 }

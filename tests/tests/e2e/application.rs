@@ -195,3 +195,103 @@ fn a_column_added_during_streaming_shows_as_drift_blocks_the_cutover_until_sync_
     stop.store(true, Ordering::SeqCst);
     crate::cutover::assert_acknowledged_on_target(&m, &acked);
 }
+
+fn table_state(m: &Migration, name: &str) -> Option<String> {
+    m.status()["tables"]
+        .as_array()?
+        .iter()
+        .find(|t| t["name"] == name)
+        .map(|t| t["state"].as_str().unwrap_or_default().to_owned())
+}
+
+#[test]
+fn tables_and_partitions_created_during_streaming_are_migrated_exactly() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(
+        source,
+        "CREATE TABLE events (id int NOT NULL, at date NOT NULL, note text, PRIMARY KEY (id, at)) \
+           PARTITION BY RANGE (at); \
+         CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01'); \
+         INSERT INTO events SELECT i, date '2024-01-01' + i % 300, 'seed' FROM generate_series(1, 300) i;",
+    );
+    stream(&m, &[]);
+    // A partition on the source only, and one made on both sides.
+    m.source.psql(
+        DATABASE,
+        "CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01'); \
+         INSERT INTO events SELECT i, date '2025-01-01' + i % 300, 'new partition' FROM generate_series(1001, 1100) i",
+    );
+    let both = "CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')";
+    m.target.psql(DATABASE, both);
+    m.source.psql(DATABASE, both);
+    m.source.psql(
+        DATABASE,
+        "INSERT INTO events SELECT i, date '2026-01-01' + i % 300, 'both sides' FROM generate_series(2001, 2050) i",
+    );
+    // A table the application creates, written before walbridge sees it
+    // and after; and one that cannot be published as it is.
+    m.source.psql(
+        DATABASE,
+        "CREATE TABLE audit (id int PRIMARY KEY, note text); \
+         INSERT INTO audit SELECT i, 'before' FROM generate_series(1, 40) i; \
+         CREATE TABLE scratch (x int)",
+    );
+    eventually(STREAM_TIMEOUT, "walbridge to take in the new tables", || {
+        (table_state(&m, "public.audit").as_deref() == Some("streamed")
+            && table_state(&m, "public.events_2025").is_some()
+            && table_state(&m, "public.events_2026").is_some())
+        .then_some(())
+    });
+    m.source.psql(
+        DATABASE,
+        "INSERT INTO audit SELECT i, 'after' FROM generate_series(41, 55) i",
+    );
+    let status = m.status();
+    assert!(
+        status["events"].to_string().contains("scratch") && status["events"].to_string().contains("REPLICA IDENTITY"),
+        "{status}"
+    );
+    let (code, _, stderr) = m.cli_json(&["cutover", "--max-lag", "2s", "--timeout", "30s", "--json"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "a table that cannot be migrated refuses the cutover: {stderr}"
+    );
+    assert!(stderr.contains("scratch"), "{stderr}");
+    m.source.psql(
+        DATABASE,
+        "ALTER TABLE scratch REPLICA IDENTITY FULL; INSERT INTO scratch VALUES (1), (2)",
+    );
+    eventually(STREAM_TIMEOUT, "scratch to be taken in", || {
+        (table_state(&m, "public.scratch").as_deref() == Some("streamed")).then_some(())
+    });
+
+    cut_over(&m);
+    for (sql, expected) in [
+        ("SELECT count(*) FROM events", "450"),
+        ("SELECT count(*) FROM events_2025", "100"),
+        ("SELECT count(*) FROM events_2026", "50"),
+        (
+            "SELECT count(*) || ':' || count(*) FILTER (WHERE note = 'before') FROM audit",
+            "55:40",
+        ),
+        ("SELECT count(*) FROM scratch", "2"),
+    ] {
+        assert_eq!(m.target.psql(DATABASE, sql), expected, "{sql}");
+    }
+    let (code, verify, stderr) = m.cli_json(&["verify", "--json"]);
+    assert_eq!(code, Some(0), "verify: {stderr} {verify}");
+    let tables = verify["tables"].as_array().unwrap();
+    for name in [
+        "public.audit",
+        "public.events_2025",
+        "public.events_2026",
+        "public.scratch",
+    ] {
+        let table = tables
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is verified: {verify}"));
+        assert_eq!(table["matches"], true, "{table}");
+    }
+}
