@@ -17,6 +17,7 @@
 //! * [`streaming`]: slot lag, sequences, the subscription's connection.
 //! * [`subscription_role`]: the role the subscription logs in as.
 //! * [`fence`]: the cutover's write fence.
+//! * [`large_objects`]: large objects' digests and contents.
 //! * [`grants`]: the roles the schema's privileges name.
 //!
 //! **Architecture invariant**: only the agent connects to the source.
@@ -27,6 +28,7 @@ pub mod copy;
 pub mod fault;
 pub mod fence;
 pub mod grants;
+pub mod large_objects;
 pub mod link;
 pub mod preflight;
 pub mod privileges;

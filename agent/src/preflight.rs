@@ -28,6 +28,8 @@ pub struct SourceScope {
     pub long_transaction_after: Duration,
     /// The schema's GRANTs will be carried: name the roles they need.
     pub privileges: bool,
+    /// Large objects are left out (`start --no-large-objects`).
+    pub skip_large_objects: bool,
 }
 
 /// Transaction-ID age past which the held snapshot's effect on vacuum
@@ -98,7 +100,7 @@ pub async fn check_source(
         })
         .collect();
     findings.extend(privileges::check(client, &role, &scoped).await?);
-    findings.extend(other_objects(client).await?);
+    findings.extend(other_objects(client, scope.skip_large_objects).await?);
     findings.extend(transactions(client, scope.long_transaction_after).await?);
 
     let extensions = client
@@ -404,7 +406,7 @@ async fn schemas(client: &Client, tables_in_scope: &[u32]) -> Result<Vec<SourceS
         .collect())
 }
 
-async fn other_objects(client: &Client) -> Result<Vec<Finding>, tokio_postgres::Error> {
+async fn other_objects(client: &Client, skip_large_objects: bool) -> Result<Vec<Finding>, tokio_postgres::Error> {
     let mut findings = Vec::new();
     let rows = client
         .query(
@@ -434,16 +436,58 @@ async fn other_objects(client: &Client) -> Result<Vec<Finding>, tokio_postgres::
             ));
         }
     }
-    let large_objects: i64 = client
-        .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
-        .await?
-        .get(0);
-    if large_objects > 0 {
+    findings.extend(large_objects(client, skip_large_objects).await?);
+    Ok(findings)
+}
+
+/// Large objects: walbridge copies them (logical replication does not
+/// carry them), which needs the right to read each; or, when asked, leaves
+/// them out, which the operator must know.
+async fn large_objects(client: &Client, skip: bool) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT count(*), coalesce(sum(1) FILTER (WHERE NOT (pg_has_role(m.lomowner, 'USAGE') \
+                 OR EXISTS (SELECT 1 FROM aclexplode(m.lomacl) a WHERE a.privilege_type = 'SELECT' \
+                            AND (a.grantee = 0 OR pg_has_role(a.grantee, 'USAGE'))) \
+                 OR current_setting('lo_compat_privileges')::bool \
+                 OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user))), 0)::int8, \
+                    (SELECT string_agg(oid::text, ', ') FROM (SELECT oid FROM pg_largeobject_metadata ORDER BY oid LIMIT 3) o) \
+             FROM pg_largeobject_metadata m",
+            &[],
+        )
+        .await?;
+    let (count, unreadable): (i64, i64) = (row.get(0), row.get(1));
+    let mut findings = Vec::new();
+    if count == 0 {
+        return Ok(findings);
+    }
+    if skip {
         findings.push(warning(
             "large_objects",
             "pg_largeobject",
-            format!("{large_objects} large object(s): logical replication does not carry large objects"),
-            "move them into bytea columns, or copy them separately after the cutover",
+            format!(
+                "{count} large object(s) will NOT be migrated (--no-large-objects): the target will have none of them"
+            ),
+            "drop --no-large-objects to copy them with the tables",
+        ));
+        return Ok(findings);
+    }
+    findings.push(warning(
+        "large_objects",
+        "pg_largeobject",
+        format!(
+            "{count} large object(s): logical replication does not carry them, so walbridge copies them with the \
+             tables and again, those changed since, while the cutover holds writes (a long wait if many change)"
+        ),
+        "to leave them out, start with --no-large-objects",
+    ));
+    if unreadable > 0 {
+        findings.push(error(
+            "large_object_privilege",
+            "pg_largeobject",
+            format!("{unreadable} of the {count} large objects may not be read by this role: their copy would fail"),
+            "GRANT SELECT ON LARGE OBJECT <oid> TO <role>; for each (or make the role their owner's member, or \
+             SET lo_compat_privileges = on)",
         ));
     }
     Ok(findings)

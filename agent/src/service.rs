@@ -137,6 +137,7 @@ impl AgentService for Agent {
                 connected_port: Some(self.state.source.port()),
                 long_transaction_after: LONG_TRANSACTION,
                 privileges: request.privileges,
+                skip_large_objects: request.skip_large_objects,
             };
             let (mut findings, facts) = preflight::check_source(&client, &scope)
                 .await
@@ -457,6 +458,36 @@ impl AgentService for Agent {
             .tasks
             .spawn(crate::fence::run(self.state.source.clone(), request.into_inner(), events).instrument(span));
         Ok(Response::new(ReceiverStream::new(stream)))
+    }
+
+    type LargeObjectDigestsStream = ReceiverStream<Result<wire::LargeObjectDigest, Status>>;
+
+    async fn large_object_digests(
+        &self,
+        request: Request<wire::LargeObjectsRequest>,
+    ) -> Result<Response<Self::LargeObjectDigestsStream>, Status> {
+        let span = self.span("large_object_digests", &request);
+        let (out, digests) = tokio::sync::mpsc::channel(64);
+        self.state.tasks.spawn(
+            crate::large_objects::digests(self.state.source.clone(), request.into_inner().snapshot, out)
+                .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(digests)))
+    }
+
+    type ReadLargeObjectsStream = ReceiverStream<Result<wire::LargeObjectChunk, Status>>;
+
+    async fn read_large_objects(
+        &self,
+        request: Request<wire::ReadLargeObjectsRequest>,
+    ) -> Result<Response<Self::ReadLargeObjectsStream>, Status> {
+        let span = self.span("read_large_objects", &request);
+        let request = request.into_inner();
+        let (out, chunks) = tokio::sync::mpsc::channel(4);
+        self.state.tasks.spawn(
+            crate::large_objects::read(self.state.source.clone(), request.snapshot, request.oids, out).instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(chunks)))
     }
 
     async fn publish_tables(

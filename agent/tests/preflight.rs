@@ -22,6 +22,7 @@ fn scope() -> SourceScope {
         connected_port: None,
         long_transaction_after: Duration::from_secs(300),
         privileges: false,
+        skip_large_objects: false,
     }
 }
 

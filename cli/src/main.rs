@@ -202,6 +202,11 @@ struct SchemaArgs {
     /// this the target has none of the source's grants, and the migration says so.
     #[arg(long)]
     privileges: bool,
+    /// Leave large objects out. Logical replication does not carry them, so by default walbridge
+    /// copies them with the tables and again, those changed since, while the cutover holds writes;
+    /// preflight says how many there are either way.
+    #[arg(long)]
+    no_large_objects: bool,
 }
 
 /// How the migration's changes will reach the target.
@@ -289,6 +294,7 @@ fn main() -> ExitCode {
                 exclude: tables.exclude,
                 skip: schema.skip,
                 privileges: schema.privileges,
+                skip_large_objects: schema.no_large_objects,
                 direct: route.direct,
                 copy_only: route.copy_only,
                 json,
@@ -310,6 +316,7 @@ fn main() -> ExitCode {
                 exclude: tables.exclude,
                 skip: schema.skip,
                 privileges: schema.privileges,
+                skip_large_objects: schema.no_large_objects,
                 parallel,
                 no_verify,
                 direct,

@@ -44,6 +44,7 @@ pub struct PreflightOptions {
     pub exclude: Vec<String>,
     pub skip: Vec<String>,
     pub privileges: bool,
+    pub skip_large_objects: bool,
     pub direct: bool,
     pub copy_only: bool,
     pub json: bool,
@@ -58,6 +59,7 @@ pub async fn preflight(address: &ApiAddress, options: PreflightOptions) -> Resul
             selection: selection(&options.tables, &options.exclude),
             skip: options.skip,
             privileges: options.privileges,
+            skip_large_objects: options.skip_large_objects,
             direct: options.direct,
             copy_only: options.copy_only,
         })
@@ -113,6 +115,7 @@ pub struct StartOptions {
     pub exclude: Vec<String>,
     pub skip: Vec<String>,
     pub privileges: bool,
+    pub skip_large_objects: bool,
     pub parallel: u32,
     pub no_verify: bool,
     pub direct: bool,
@@ -134,6 +137,7 @@ pub async fn start(address: &ApiAddress, options: StartOptions) -> Result<(), Fa
             copy_only: options.copy_only,
             skip: options.skip,
             privileges: options.privileges,
+            skip_large_objects: options.skip_large_objects,
         })
         .await
         .map_err(call_failed)?

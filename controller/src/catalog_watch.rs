@@ -117,6 +117,7 @@ async fn add_tables(
         .preflight(wire::SourcePreflightRequest {
             tables: roots.iter().cloned().map(name_to_wire).collect(),
             privileges: false,
+            skip_large_objects: true,
         })
         .await
         .map_err(|s| crate::fault::agent("cannot check the new tables", &s))?

@@ -16,6 +16,7 @@
 //! * [`bookkeeping`]: what the target records of the work done on it.
 //! * [`plan`]: from catalog and selection to what is copied.
 //! * [`catalog_watch`]: tables and partitions created while streaming.
+//! * [`large_objects`]: large objects, copied and kept up to date.
 //! * [`drift`]: how the target's tables differ from the source's now.
 //! * [`schema`]: pg_dump's sections applied to the target.
 //! * [`transfer`]: table data into the target; checksums.
@@ -40,6 +41,7 @@ pub mod config;
 pub mod door;
 pub mod drift;
 pub mod fault;
+pub mod large_objects;
 pub mod link;
 pub mod metrics;
 pub mod migration;

@@ -39,6 +39,8 @@ pub struct SchemaScope {
     pub skip: Vec<Skip>,
     /// GRANTs and default privileges are carried (`start --privileges`).
     pub privileges: bool,
+    /// Large objects are left out (`start --no-large-objects`).
+    pub skip_large_objects: bool,
 }
 
 /// Dumps both sections (no snapshot: the migration has none yet) and

@@ -67,6 +67,7 @@ pub async fn preflight(
         .preflight(wire::SourcePreflightRequest {
             tables: tables.iter().cloned().map(name_to_wire).collect(),
             privileges: schema.privileges,
+            skip_large_objects: schema.skip_large_objects,
         })
         .await?
         .into_inner();
@@ -152,6 +153,7 @@ pub async fn preflight_call(ctx: &Context, request: wire::PreflightRequest) -> R
         dump_exclude: planned.dump_exclude,
         skip,
         privileges: request.privileges,
+        skip_large_objects: request.skip_large_objects,
     };
     let route = subscription_route(ctx, request.direct, request.copy_only)?;
     preflight(
@@ -203,6 +205,7 @@ pub async fn start(runner: &Arc<Runner>, request: wire::StartRequest) -> Result<
         dump_exclude: planned.dump_exclude.clone(),
         skip,
         privileges: request.privileges,
+        skip_large_objects: request.skip_large_objects,
     };
     let findings = preflight(
         ctx,
@@ -265,6 +268,8 @@ pub async fn start(runner: &Arc<Runner>, request: wire::StartRequest) -> Result<
         cutover: None,
         skip: schema.skip,
         privileges: schema.privileges,
+        skip_large_objects: schema.skip_large_objects,
+        large_objects_copied: false,
         syncing: Vec::new(),
         refused_tables: Vec::new(),
         source: Some(SourceIdentity {

@@ -62,7 +62,45 @@ pub async fn verify(ctx: &Context, request: wire::VerifyRequest) -> Result<wire:
             }
         })
         .buffered(VERIFY_PARALLEL)
-        .collect()
+        .collect::<Vec<_>>()
         .await;
+    let mut results = results;
+    if !record.skip_large_objects && selection.tables.is_empty() && selection.exclude.is_empty() {
+        results.push(large_objects(&agent, &target).await);
+    }
     Ok(wire::VerifyResponse { tables: results })
+}
+
+/// The large objects, as one line of the report: their count and a hash
+/// of every object's size and content hash.
+async fn large_objects(
+    agent: &crate::registry::AgentClient,
+    target: &walbridge_daemon::pg::Database,
+) -> wire::TableVerification {
+    let name = "large objects".to_owned();
+    let compared = async {
+        let source = crate::large_objects::source_digests(agent, "").await?;
+        let client = crate::target::connect(target, crate::target::Purpose::Copy).await?;
+        let target = crate::large_objects::target_digests(&client).await?;
+        Ok::<_, walbridge_migration::fault::Fault>((
+            crate::large_objects::summary(&source),
+            crate::large_objects::summary(&target),
+        ))
+    };
+    match compared.await {
+        Ok((source, target)) => wire::TableVerification {
+            name,
+            matches: source == target,
+            source_rows: source.0,
+            source_checksum: source.1,
+            target_rows: target.0,
+            target_checksum: target.1,
+            error: String::new(),
+        },
+        Err(e) => wire::TableVerification {
+            name,
+            error: e.to_string(),
+            ..Default::default()
+        },
+    }
 }

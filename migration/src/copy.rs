@@ -57,6 +57,11 @@ pub fn checksum(table: &QualifiedName, columns: &[String]) -> String {
     )
 }
 
+/// Every large object's oid, size and md5, as both sides compute it (the
+/// agent in the copy's snapshot, the controller on the target).
+pub const LARGE_OBJECT_DIGESTS: &str = "SELECT m.oid::int8, length(d)::int8, md5(d) \
+     FROM pg_largeobject_metadata m, LATERAL lo_get(m.oid) AS d ORDER BY m.oid";
+
 /// Splits a table of `pages` pages into ranges of at most `pages_per_range`
 /// (the last range is open-ended, so rows on pages added since the plan
 /// are not missed).

@@ -154,6 +154,12 @@ pub struct MigrationRecord {
     /// GRANTs and default privileges are carried (`start --privileges`).
     #[serde(default)]
     pub privileges: bool,
+    /// Large objects are left out (`start --no-large-objects`).
+    #[serde(default)]
+    pub skip_large_objects: bool,
+    /// The copy has copied the large objects too.
+    #[serde(default)]
+    pub large_objects_copied: bool,
     /// Tables created on the source while streaming that the subscription
     /// is copying now (their indexes follow once it has).
     #[serde(default)]

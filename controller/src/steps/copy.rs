@@ -119,6 +119,24 @@ pub async fn run(ctx: &Context, record: &mut MigrationRecord) -> Result<(), Step
         result?;
     }
     drop(results);
+    if !record.skip_large_objects && !record.large_objects_copied {
+        let now = record.clone();
+        let copied = retrying(ctx, &now, "copy of the large objects", |agent| {
+            let now = &now;
+            async move {
+                let snapshot = snapshot::held(&agent, now).await?;
+                Ok::<_, StepError>(crate::large_objects::sync(ctx, &agent, &snapshot).await?)
+            }
+        })
+        .await?;
+        if copied.copied > 0 {
+            record.events.push(format!(
+                "{} large objects copied ({} bytes); those changed later are copied again at the cutover",
+                copied.copied, copied.bytes
+            ));
+        }
+        record.large_objects_copied = true;
+    }
     record.phase = Phase::ReleaseSnapshot;
     save(ctx, record).await
 }

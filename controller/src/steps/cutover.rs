@@ -271,6 +271,19 @@ async fn fence_and_switch(
         steps.done("catch up", format!("the target applied everything up to {fence_lsn}"));
         let copied = copy_sequences(agent, target).await?;
         steps.done("sequences", copied);
+        if !record.skip_large_objects {
+            // Not carried by the subscription: the ones created, changed or
+            // deleted since the copy, now that nothing writes them.
+            let synced = crate::large_objects::sync(ctx, agent, "")
+                .await
+                .map_err(|f| format!("bringing the large objects up to date failed: {f}"))?;
+            if synced.seen + synced.deleted > 0 {
+                steps.done(
+                    "large objects",
+                    format!("{} copied again, {} removed", synced.copied, synced.deleted),
+                );
+            }
+        }
         let _ = commands
             .send(wire::FenceCommand {
                 command: Some(Command::Seal(wire::FenceSeal {})),
