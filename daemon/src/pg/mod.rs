@@ -579,7 +579,7 @@ impl Database {
         if let Some(password) = &self.password {
             config.password(password);
         }
-        config.options(&self.startup_options(policy));
+        config.options(self.startup_options(policy));
         if let Some(limit) = self.connect_timeout {
             config.connect_timeout(limit);
         }

@@ -5,6 +5,7 @@
 mod cutover;
 mod demo;
 mod deploy;
+mod faults;
 mod link;
 mod managed;
 mod progress;
