@@ -511,10 +511,7 @@ fn with_the_agent_away_lag_is_unknown_and_the_cli_rides_out_a_controller_restart
     assert!(read("start.out").contains("phase streaming"), "{}", read("start.out"));
 
     let status = m.status();
-    assert!(
-        status["lag_bytes"].is_u64() && status["lag_seconds"].is_f64(),
-        "{status}"
-    );
+    assert!(status["lag_bytes"].is_u64(), "known while the agent is there: {status}");
     m.agent.kill();
     let away = eventually(TIMEOUT, "status to show the agent away", || {
         let status = m.try_status()?;
