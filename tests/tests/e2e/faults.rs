@@ -220,7 +220,6 @@ fn roles_whose_timeouts_are_shorter_than_the_copy_do_not_cut_it_off() {
     }
 
     let feed = Feed::start(url(&m.source));
-    let started = Instant::now();
     let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json"]);
     assert_eq!(code, Some(0), "start: {stderr} {status}");
     assert_eq!(status["phase"], "streaming", "{status}");
@@ -255,7 +254,6 @@ fn roles_whose_timeouts_are_shorter_than_the_copy_do_not_cut_it_off() {
     });
     streams_again(&m);
     cut_over_verify_and_clean_up(&m, feed);
-    eprintln!("timeouts: {:.1} s in all", started.elapsed().as_secs_f64());
 }
 
 #[test]
