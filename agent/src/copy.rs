@@ -14,14 +14,14 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tonic::Status;
-use walbridge_daemon::pg::{Database, describe};
-use walbridge_migration::copy::{self, PageRange, SESSION_SETTINGS};
+use walbridge_daemon::pg::{Database, SessionPolicy, describe};
+use walbridge_migration::copy::{self, PageRange};
 use walbridge_migration::fault::{Fault, FaultKind};
 use walbridge_migration::ident::{QualifiedName, quote_literal};
 use walbridge_proto::v1 as wire;
 
 use crate::fault;
-use crate::source::APPLICATION_NAME;
+use crate::source::{APPLICATION_NAME, SNAPSHOT_READS};
 
 /// Raw bytes per chunk before compression.
 pub const CHUNK_BYTES: usize = 256 * 1024;
@@ -49,10 +49,10 @@ fn compress(raw: &[u8]) -> Result<wire::DataChunk, Status> {
 /// snapshot when `snapshot` is empty), with the shared session settings.
 pub async fn snapshot_session(source: &Database, snapshot: &str) -> Result<Client, Status> {
     let client = source
-        .connect(APPLICATION_NAME)
+        .connect_with(APPLICATION_NAME, &SNAPSHOT_READS)
         .await
         .map_err(|e| crate::fault::connect_status(&e))?;
-    let mut setup = format!("{SESSION_SETTINGS}; START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY");
+    let mut setup = "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY".to_owned();
     if !snapshot.is_empty() {
         setup.push_str(&format!("; SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)));
     }
@@ -141,7 +141,7 @@ pub async fn dump_schema(source: Database, pg_dump: String, dump: SchemaDump, ou
             .args((!privileges).then_some("--no-privileges"))
             .arg(format!("--section={section}"))
             .args((!snapshot.is_empty()).then(|| format!("--snapshot={snapshot}")))
-            .envs(source.libpq_environment(APPLICATION_NAME))
+            .envs(source.libpq_environment(APPLICATION_NAME, &SessionPolicy::UNBOUNDED))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

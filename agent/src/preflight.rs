@@ -38,7 +38,7 @@ const XID_AGE_WARNING: i64 = 1_200_000_000;
 const XID_AGE_ERROR: i64 = 1_800_000_000;
 /// Below this, a walsender may drop a subscription busy applying a large
 /// transaction.
-const WAL_SENDER_TIMEOUT_MIN_MS: i64 = 10_000;
+pub(crate) const WAL_SENDER_TIMEOUT_MIN_MS: i64 = 10_000;
 
 fn error(check: &str, object: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Finding {
     Finding::error(Side::Source, check, object, message, fix)
@@ -61,6 +61,8 @@ struct Server {
     xid_age: i64,
     port: Option<i32>,
     wal_sender_timeout_ms: i64,
+    /// In MB; `None` before PostgreSQL 13, -1 for no limit.
+    max_slot_wal_keep_size_mb: Option<i64>,
 }
 
 struct TableInfo {
@@ -146,7 +148,8 @@ async fn server(client: &Client) -> Result<Server, tokio_postgres::Error> {
                     pg_database_size(current_database())::int8, \
                     (SELECT age(datfrozenxid)::int8 FROM pg_database WHERE datname = current_database()), \
                     inet_server_port(), \
-                    (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_sender_timeout') \
+                    (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_sender_timeout'), \
+                    (SELECT setting::int8 FROM pg_settings WHERE name = 'max_slot_wal_keep_size') \
              FROM pg_roles r WHERE r.rolname = current_user",
             &[],
         )
@@ -164,6 +167,7 @@ async fn server(client: &Client) -> Result<Server, tokio_postgres::Error> {
         xid_age: row.get(9),
         port: row.get(10),
         wal_sender_timeout_ms: row.get(11),
+        max_slot_wal_keep_size_mb: row.get(12),
     })
 }
 
@@ -228,6 +232,19 @@ fn server_findings(server: &Server, scope: &SourceScope) -> Vec<Finding> {
                 server.wal_sender_timeout_ms
             ),
             "ALTER SYSTEM SET wal_sender_timeout = '60s'; SELECT pg_reload_conf();",
+        ));
+    }
+    if let Some(limit) = server.max_slot_wal_keep_size_mb.filter(|mb| *mb >= 0) {
+        findings.push(warning(
+            "max_slot_wal_keep_size",
+            "max_slot_wal_keep_size",
+            format!(
+                "max_slot_wal_keep_size is {limit} MB: once the slot holds more WAL than that (the source writes \
+                 during a long copy, or the subscriber stalls), the server invalidates it and the migration must \
+                 start over"
+            ),
+            "ALTER SYSTEM SET max_slot_wal_keep_size = -1; SELECT pg_reload_conf(); -- or a limit above the WAL \
+             the source writes during the copy, with disk to hold it",
         ));
     }
     if let (Some(connected), Some(actual)) = (scope.connected_port, server.port)

@@ -23,9 +23,10 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::config::Host;
+use walbridge_daemon::pg::session::server_version_num;
 use walbridge_daemon::pg::ssl::ChannelBinding as ChannelBindingMode;
 use walbridge_daemon::pg::tls::{self, Encryption, TlsConnector};
-use walbridge_daemon::pg::{ConnectError, Database, Failure, FailureKind};
+use walbridge_daemon::pg::{ConnectError, Database, Failure, FailureKind, SessionPolicy};
 use walbridge_migration::ident::quote_ident;
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,9 @@ pub struct SystemIdentity {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// The session policy of every replication connection.
+const POLICY: SessionPolicy = SessionPolicy::UNBOUNDED;
+
 pub struct ReplicationConnection {
     stream: Box<dyn Stream>,
     read: BytesMut,
@@ -162,16 +166,19 @@ impl ReplicationConnection {
             tls: connector.filter(|_| over_tls),
         };
         let user = source.user();
-        let mut parameters = vec![
+        // A replication connection is bulk work: the walsender that holds
+        // the exported snapshot sits idle in its transaction for as long
+        // as the copy runs, and slot creation may wait for long
+        // transactions to end.
+        let options = source.startup_options(&POLICY);
+        let parameters = vec![
             ("user", user),
             ("database", source.database_name()),
             ("replication", "database"),
             ("application_name", application_name),
             ("client_encoding", "UTF8"),
+            ("options", options.as_str()),
         ];
-        if let Some(options) = source.options() {
-            parameters.push(("options", options));
-        }
         let mut buf = BytesMut::new();
         frontend::startup_message(parameters, &mut buf)
             .map_err(|e| Failure::new(FailureKind::Protocol, e.to_string()))?;
@@ -207,6 +214,15 @@ impl ReplicationConnection {
                 Encryption::IfOffered if !over_tls => failure.last_attempt(),
                 _ => failure,
             })?;
+        // The settings only newer servers know, before any replication
+        // command (SQL is allowed on a `replication=database` connection).
+        let versioned = POLICY.versioned_statements(connection.server_version_num());
+        if !versioned.is_empty() {
+            connection
+                .simple_query(&versioned)
+                .await
+                .map_err(|e| Failure::new(FailureKind::Session, format!("setting the session up: {e}")))?;
+        }
         Ok(connection)
     }
 
@@ -331,7 +347,7 @@ impl ReplicationConnection {
     /// `server_version_num` computed from the `server_version` the server
     /// reported at startup.
     pub fn server_version_num(&self) -> u32 {
-        version_num(&self.server_version)
+        server_version_num(&self.server_version)
     }
 
     pub async fn identify_system(&mut self) -> Result<SystemIdentity, ReplicationError> {
@@ -518,35 +534,4 @@ fn unexpected(message: &Message) -> ReplicationError {
         _ => "a message",
     };
     ReplicationError::Protocol(format!("{name} was not expected here"))
-}
-
-/// `server_version` text to `server_version_num`: "15.18 (Debian ...)" is
-/// 150018, "9.6.24" is 90624, "16beta1" is 160000.
-pub fn version_num(version: &str) -> u32 {
-    let numeric: String = version
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    let mut parts = numeric.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let major = parts.next().unwrap_or(0);
-    let second = parts.next().unwrap_or(0);
-    if major >= 10 {
-        major * 10000 + second
-    } else {
-        major * 10000 + second * 100 + parts.next().unwrap_or(0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::version_num;
-
-    #[test]
-    fn server_versions_become_numbers() {
-        assert_eq!(version_num("15.18 (Debian 15.18-0+deb12u1)"), 150018);
-        assert_eq!(version_num("10.23"), 100023);
-        assert_eq!(version_num("16beta1"), 160000);
-        assert_eq!(version_num("9.6.24"), 90624);
-        assert_eq!(version_num("18.1"), 180001);
-    }
 }

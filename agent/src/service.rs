@@ -9,7 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use walbridge_daemon::VERSION;
-use walbridge_daemon::pg::Database;
+use walbridge_daemon::pg::{Database, SessionPolicy};
 use walbridge_daemon::telemetry::continue_trace;
 use walbridge_migration::copy::PageRange;
 use walbridge_migration::fault::{Fault, FaultKind};
@@ -96,10 +96,11 @@ impl Agent {
         span
     }
 
-    async fn source_client(&self) -> Result<tokio_postgres::Client, Status> {
+    /// A session on the source under `policy` (see `source`'s policies).
+    async fn source_client(&self, policy: &SessionPolicy) -> Result<tokio_postgres::Client, Status> {
         self.state
             .source
-            .connect(APPLICATION_NAME)
+            .connect_with(APPLICATION_NAME, policy)
             .await
             .map_err(|e| crate::fault::connect_status(&e))
     }
@@ -130,7 +131,7 @@ impl AgentService for Agent {
         let span = self.span("preflight", &request);
         async {
             let request = request.into_inner();
-            let client = self.source_client().await?;
+            let client = self.source_client(&source::CATALOG).await?;
             let tables: Vec<QualifiedName> = request.tables.into_iter().map(name_from_wire).collect();
             let scope = preflight::SourceScope {
                 tables: (!tables.is_empty()).then_some(tables),
@@ -176,7 +177,7 @@ impl AgentService for Agent {
     ) -> Result<Response<wire::ListTablesResponse>, Status> {
         let span = self.span("list_tables", &request);
         async {
-            let client = self.source_client().await?;
+            let client = self.source_client(&source::CATALOG).await?;
             let tables = catalog::list_tables(&client)
                 .await
                 .map_err(|e| crate::fault::source_status("listing tables failed", &e))?;
@@ -374,7 +375,7 @@ impl AgentService for Agent {
     ) -> Result<Response<wire::SubscriptionConnectionResponse>, Status> {
         let span = self.span("subscription_connection", &request);
         async {
-            let client = self.source_client().await?;
+            let client = self.source_client(&source::QUESTIONS).await?;
             let version: i32 = client
                 .query_one("SELECT current_setting('server_version_num')::int4", &[])
                 .await
@@ -417,7 +418,7 @@ impl AgentService for Agent {
                 // The operator's role is theirs to drop.
                 return Ok(Response::new(wire::DropSubscriptionRoleResponse { dropped: false }));
             }
-            let client = self.source_client().await?;
+            let client = self.source_client(&source::QUESTIONS).await?;
             let dropped = crate::subscription_role::remove(&client, role)
                 .await
                 .map_err(|text| crate::fault::status(Fault::new(FaultKind::SourceUnavailable, text)))?;
@@ -436,7 +437,7 @@ impl AgentService for Agent {
     ) -> Result<Response<wire::SlotStatusResponse>, Status> {
         let span = self.span("slot_status", &request);
         async {
-            let client = self.source_client().await?;
+            let client = self.source_client(&source::QUESTIONS).await?;
             let status = crate::streaming::slot_status(&client, &request.get_ref().slot)
                 .await
                 .map_err(|e| crate::fault::source_status("reading the slot failed", &e))?;
@@ -502,7 +503,7 @@ impl AgentService for Agent {
                 crate::subscription_role::SubscriptionRole::Configured { user, .. } => user.clone(),
                 crate::subscription_role::SubscriptionRole::PerMigration => request.reader,
             };
-            let client = self.source_client().await?;
+            let client = self.source_client(&source::QUESTIONS).await?;
             crate::publication::add(&client, &request.publication, &tables, &reader)
                 .await
                 .map_err(|e| crate::fault::source_status("cannot add the new tables to the publication", &e))?;
@@ -520,7 +521,7 @@ impl AgentService for Agent {
         let span = self.span("table_definitions", &request);
         async {
             let tables: Vec<QualifiedName> = request.into_inner().tables.into_iter().map(name_from_wire).collect();
-            let client = self.source_client().await?;
+            let client = self.source_client(&source::CATALOG).await?;
             let rows = client
                 .query(
                     walbridge_migration::definition::DEFINITIONS_SQL,
@@ -549,7 +550,7 @@ impl AgentService for Agent {
     ) -> Result<Response<wire::SequencesResponse>, Status> {
         let span = self.span("sequences", &request);
         async {
-            let client = self.source_client().await?;
+            let client = self.source_client(&source::QUESTIONS).await?;
             let sequences = crate::streaming::sequences(&client)
                 .await
                 .map_err(|e| crate::fault::source_status("reading sequences failed", &e))?;

@@ -15,7 +15,7 @@ use walbridge_migration::fault::FaultKind;
 use walbridge_migration::ident::{QualifiedName, quote_ident, quote_literal};
 
 use crate::replication::{ReplicationConnection, ReplicationError};
-use crate::source::APPLICATION_NAME;
+use crate::source::{APPLICATION_NAME, QUESTIONS};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldSnapshot {
@@ -78,7 +78,7 @@ impl Snapshots {
         tables: &[QualifiedName],
     ) -> Result<HeldSnapshot, SnapshotError> {
         let client = source
-            .connect(APPLICATION_NAME)
+            .connect_with(APPLICATION_NAME, &QUESTIONS)
             .await
             .map_err(|e| SnapshotError::Source {
                 kind: crate::fault::connect_kind(&e),
@@ -184,7 +184,7 @@ pub async fn drop_replication(
     slot: &str,
     publication: &str,
 ) -> Result<(bool, bool), walbridge_daemon::pg::SessionError> {
-    let client = source.connect(APPLICATION_NAME).await?;
+    let client = source.connect_with(APPLICATION_NAME, &QUESTIONS).await?;
     // A slot whose holder has just closed may still show as active while
     // its walsender exits: give it a bounded moment.
     let deadline = tokio::time::Instant::now() + SLOT_RELEASE_WAIT;

@@ -1,9 +1,22 @@
 //! What the agent can see of the source database, asked fresh each time:
 //! a probe opens its own short session, so an idle agent holds no backend.
 
-use walbridge_daemon::pg::{Database, SessionError};
+use walbridge_daemon::pg::{Database, SessionError, SessionPolicy};
+use walbridge_migration::copy::SESSION_SETTINGS;
 
 pub const APPLICATION_NAME: &str = "walbridge-agent";
+
+/// Short questions and small changes on the source (probes, status, the
+/// publication, roles, drops): they come back quickly or give up, and
+/// never hold a lock long enough to queue the application behind it.
+pub const QUESTIONS: SessionPolicy = SessionPolicy::BOUNDED;
+/// Catalog reads whose length grows with the schema (preflight, the list
+/// of tables): never cut off by a role's timeouts.
+pub const CATALOG: SessionPolicy = SessionPolicy::UNBOUNDED;
+/// Sessions reading the exported snapshot (COPY, checksums): never cut
+/// off, idle in their transaction between statements, rows rendered as
+/// the target renders them.
+pub const SNAPSHOT_READS: SessionPolicy = SessionPolicy::UNBOUNDED.with_setup(SESSION_SETTINGS);
 
 /// The source as the agent sees it right now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,7 +43,7 @@ pub async fn probe(source: &Database) -> SourceStatus {
 }
 
 async fn try_probe(source: &Database) -> Result<SourceStatus, SessionError> {
-    let client = source.connect(APPLICATION_NAME).await?;
+    let client = source.connect_with(APPLICATION_NAME, &QUESTIONS).await?;
     let row = client
         .query_one(
             "SELECT current_setting('server_version'), \

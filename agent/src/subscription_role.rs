@@ -20,6 +20,7 @@ use tokio_postgres::Client;
 use walbridge_daemon::pg::describe;
 use walbridge_migration::finding::{Finding, Side};
 use walbridge_migration::ident::{quote_ident, quote_literal};
+use walbridge_migration::role_settings;
 
 pub const SUBSCRIPTION_USER: &str = "subscription.user";
 pub const SUBSCRIPTION_PASSWORD: &str = "subscription.password";
@@ -148,7 +149,7 @@ pub async fn remove(client: &Client, name: &str) -> Result<bool, String> {
 
 /// What preflight says about the subscription's role.
 pub async fn check(client: &Client, role: &SubscriptionRole) -> Result<Vec<Finding>, tokio_postgres::Error> {
-    let mut findings = Vec::new();
+    let mut findings = settings_findings(client, role).await?;
     match role {
         SubscriptionRole::Configured { user, password } => {
             let row = client
@@ -231,6 +232,61 @@ pub async fn check(client: &Client, role: &SubscriptionRole) -> Result<Vec<Findi
                 ));
             }
         }
+    }
+    Ok(findings)
+}
+
+/// The settings made for the subscription's role (or, for walbridge's
+/// own role, which does not exist yet, for the database) that would cut
+/// its walsender off: walbridge's session policy does not reach a
+/// session the target's server opens.
+async fn settings_findings(client: &Client, role: &SubscriptionRole) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let name = match role {
+        SubscriptionRole::Configured { user, .. } => user.clone(),
+        SubscriptionRole::PerMigration => String::new(),
+    };
+    let database: String = client.query_one("SELECT current_database()::text", &[]).await?.get(0);
+    let rows: Vec<role_settings::RoleSetting> = client
+        .query(role_settings::SQL, &[&name])
+        .await?
+        .iter()
+        .map(|row| role_settings::RoleSetting {
+            name: row.get(0),
+            value: row.get(1),
+            precedence: row.get(2),
+        })
+        .collect();
+    let mut findings = Vec::new();
+    if let Some(set) = role_settings::in_force(&rows, "wal_sender_timeout")
+        && role_settings::milliseconds(&set.value)
+            .is_some_and(|ms| ms > 0.0 && ms < crate::preflight::WAL_SENDER_TIMEOUT_MIN_MS as f64)
+    {
+        let who = if name.is_empty() {
+            "walbridge's subscription role".to_owned()
+        } else {
+            format!("role {} (subscription.user)", quote_ident(&name))
+        };
+        let fix = if name.is_empty() {
+            format!(
+                "ALTER DATABASE {} RESET wal_sender_timeout; -- or set subscription.user to a role given {}",
+                quote_ident(&database),
+                role_settings::fix("<that role>", &database, "wal_sender_timeout", "60s")
+            )
+        } else {
+            role_settings::fix(&name, &database, "wal_sender_timeout", "60s")
+        };
+        findings.push(Finding::warning(
+            Side::Source,
+            "subscription_role_settings",
+            "wal_sender_timeout",
+            format!(
+                "{who} gets wal_sender_timeout = {} from {}: its walsender drops a subscriber busy applying a large \
+                 transaction, which then starts again",
+                set.value,
+                set.origin(&name, &database)
+            ),
+            fix,
+        ));
     }
     Ok(findings)
 }

@@ -805,3 +805,63 @@ async fn the_rules_that_changed_between_versions_are_followed() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_slot_wal_limit_and_a_short_sender_timeout_for_the_subscriptions_role_are_warnings() {
+    use walbridge_agent::subscription_role::{SubscriptionRole, check};
+    let cluster = Cluster::builder("limits")
+        .logical()
+        .setting("max_slot_wal_keep_size", "64MB")
+        .start();
+    let f = findings_as(&cluster.url("postgres"), &scope()).await;
+    let limit = find(&f, "max_slot_wal_keep_size");
+    assert_eq!(limit.severity, Severity::Warning);
+    assert!(limit.message.contains("64 MB"), "{limit:?}");
+    assert!(limit.fix.contains("max_slot_wal_keep_size = -1"), "{limit:?}");
+
+    let (client, connection) = tokio_postgres::connect(&cluster.url("postgres"), NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let configured = SubscriptionRole::Configured {
+        user: "sub".into(),
+        password: "sub-pw".into(),
+    };
+    cluster.psql("postgres", "CREATE ROLE sub LOGIN REPLICATION PASSWORD 'sub-pw'");
+    let settings = |f: Vec<Finding>| f.into_iter().find(|f| f.check == "subscription_role_settings");
+    assert_eq!(settings(check(&client, &configured).await.unwrap()), None);
+    assert_eq!(
+        settings(check(&client, &SubscriptionRole::PerMigration).await.unwrap()),
+        None
+    );
+
+    // The role's own setting, which its walsender runs with.
+    cluster.psql(
+        "postgres",
+        "ALTER ROLE sub IN DATABASE postgres SET wal_sender_timeout = '2s'",
+    );
+    let found = settings(check(&client, &configured).await.unwrap()).expect("a finding for sub");
+    assert_eq!(found.severity, Severity::Warning);
+    assert!(found.message.contains("wal_sender_timeout = 2s"), "{found:?}");
+    assert!(
+        found.message.contains("ALTER ROLE sub IN DATABASE postgres"),
+        "{found:?}"
+    );
+    assert_eq!(
+        found.fix,
+        "ALTER ROLE sub IN DATABASE postgres SET wal_sender_timeout = '60s';"
+    );
+    // walbridge's own role is made later: only the database's settings reach it.
+    assert_eq!(
+        settings(check(&client, &SubscriptionRole::PerMigration).await.unwrap()),
+        None
+    );
+    cluster.psql("postgres", "ALTER DATABASE postgres SET wal_sender_timeout = '3s'");
+    let found = settings(check(&client, &SubscriptionRole::PerMigration).await.unwrap())
+        .expect("a finding for walbridge's role");
+    assert!(found.message.contains("ALTER DATABASE postgres"), "{found:?}");
+    // The role's own value outranks the database's.
+    cluster.psql(
+        "postgres",
+        "ALTER ROLE sub IN DATABASE postgres SET wal_sender_timeout = '60s'",
+    );
+    assert_eq!(settings(check(&client, &configured).await.unwrap()), None);
+}

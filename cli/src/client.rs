@@ -60,7 +60,7 @@ impl ApiAddress {
         })
     }
 
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             ApiAddress::Unix(path) => format!("unix://{}", path.display()),
             ApiAddress::Https { host, port, .. } => format!("https://{host}:{port}"),

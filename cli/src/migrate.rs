@@ -14,6 +14,36 @@ const POLL: Duration = Duration::from_millis(200);
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 const CUTOVER_POLL: Duration = Duration::from_millis(100);
 
+/// How long `start` keeps trying to follow a migration whose controller
+/// stopped answering (it restarts, say) before it leaves it to `status`.
+const FOLLOW_OUTAGE: Duration = Duration::from_secs(60);
+/// What a controller that stopped answering means for the migration.
+const GOES_ON: &str = "the migration goes on in the controller, and `walbridge status` shows it once the controller \
+                       answers again";
+
+/// Whether a failed call means the controller did not answer (it is down
+/// or restarting), rather than that it answered no. Only for calls the
+/// controller never refuses with these codes (`status`).
+fn controller_away(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+    )
+}
+
+/// Why the controller did not answer, in the words of the innermost
+/// cause ("connection closed before message completed", "No such file or
+/// directory"), not tonic's bare "transport error".
+fn why_away(status: &tonic::Status) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    let mut innermost = None;
+    while let Some(inner) = cause {
+        innermost = Some(inner.to_string());
+        cause = inner.source();
+    }
+    innermost.unwrap_or_else(|| status.message().to_owned())
+}
+
 fn call_failed(status: tonic::Status) -> Failure {
     match status.code() {
         tonic::Code::InvalidArgument => Failure::Usage(status.message().to_owned()),
@@ -146,12 +176,39 @@ pub async fn start(address: &ApiAddress, options: StartOptions) -> Result<(), Fa
         println!("migration {} started: {} tables", started.migration, started.tables);
     }
     let mut follow = Follow::new(options.json);
+    // Since when the controller has not answered, while it does not.
+    let mut away: Option<std::time::Instant> = None;
     loop {
-        let status = client
-            .status(wire::StatusRequest {})
-            .await
-            .map_err(call_failed)?
-            .into_inner();
+        let status = match client.status(wire::StatusRequest {}).await {
+            Ok(status) => status.into_inner(),
+            Err(e) if controller_away(&e) => {
+                let since = *away.get_or_insert_with(|| {
+                    eprintln!(
+                        "walbridge: the controller at {} stopped answering ({}): {GOES_ON}; still following",
+                        address.describe(),
+                        why_away(&e)
+                    );
+                    std::time::Instant::now()
+                });
+                if since.elapsed() > FOLLOW_OUTAGE {
+                    follow.finish();
+                    return Err(Failure::Operation(format!(
+                        "the controller at {} has not answered for {} s: {GOES_ON}",
+                        address.describe(),
+                        FOLLOW_OUTAGE.as_secs()
+                    )));
+                }
+                tokio::time::sleep(POLL).await;
+                if let Ok(again) = connect(address).await {
+                    client = again;
+                }
+                continue;
+            }
+            Err(e) => return Err(call_failed(e)),
+        };
+        if away.take().is_some() {
+            eprintln!("walbridge: the controller answers again");
+        }
         follow.update(&status);
         match status.phase.as_str() {
             "copied" | "streaming" => {
@@ -436,12 +493,33 @@ fn print_cutover_outcome(cutover: &wire::CutoverResponse) {
 
 pub async fn status(address: &ApiAddress, json: bool, watch: bool) -> Result<(), Failure> {
     let mut client = connect(address).await.map_err(Failure::Operation)?;
+    let mut away = false;
     loop {
-        let status = client
-            .status(wire::StatusRequest {})
-            .await
-            .map_err(call_failed)?
-            .into_inner();
+        let status = match client.status(wire::StatusRequest {}).await {
+            Ok(status) => status.into_inner(),
+            Err(e) if watch && controller_away(&e) => {
+                if !away {
+                    eprintln!(
+                        "walbridge: the controller at {} is not answering ({}): {GOES_ON}; watching for it",
+                        address.describe(),
+                        why_away(&e)
+                    );
+                    away = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+                if let Ok(again) = connect(address).await {
+                    client = again;
+                }
+                continue;
+            }
+            Err(e) => return Err(call_failed(e)),
+        };
+        if std::mem::take(&mut away) {
+            eprintln!("walbridge: the controller answers again");
+        }
         if watch && !json {
             // Home and clear, like `top`: the next screen replaces this one.
             print!("\x1b[H\x1b[2J");

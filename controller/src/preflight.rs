@@ -7,6 +7,7 @@
 use tokio_postgres::Client;
 use walbridge_migration::finding::{Finding, NamedRole, Side, SourceFacts};
 use walbridge_migration::ident::quote_ident;
+use walbridge_migration::role_settings;
 use walbridge_migration::skip::skip_argument;
 
 fn error(check: &str, object: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Finding {
@@ -160,6 +161,7 @@ pub async fn check_target(client: &Client, source: &SourceFacts) -> Result<Vec<F
     }
 
     findings.extend(missing_roles(client, &source.roles).await?);
+    findings.extend(owner_settings_findings(client, &user, &database).await?);
 
     let needed = source.database_size_bytes.saturating_mul(3) / 2;
     findings.push(warning(
@@ -172,6 +174,48 @@ pub async fn check_target(client: &Client, source: &SourceFacts) -> Result<Vec<F
         ),
         "check the target's free disk space",
     ));
+    Ok(findings)
+}
+
+/// The subscription's apply worker runs as its owner (walbridge's target
+/// role) with that role's and the database's settings, which walbridge's
+/// session policy does not reach: a `lock_timeout` there makes it give up
+/// a lock wait and restart (with `disable_on_error`, disable the
+/// subscription) whenever an application transaction holds a row it
+/// applies to.
+async fn owner_settings_findings(
+    client: &Client,
+    user: &str,
+    database: &str,
+) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let rows: Vec<role_settings::RoleSetting> = client
+        .query(role_settings::SQL, &[&user])
+        .await?
+        .iter()
+        .map(|row| role_settings::RoleSetting {
+            name: row.get(0),
+            value: row.get(1),
+            precedence: row.get(2),
+        })
+        .collect();
+    let mut findings = Vec::new();
+    if let Some(set) = role_settings::in_force(&rows, "lock_timeout")
+        && role_settings::milliseconds(&set.value).is_some_and(|ms| ms > 0.0)
+    {
+        findings.push(warning(
+            "subscription_owner_settings",
+            "lock_timeout",
+            format!(
+                "the subscription's apply worker runs as {} and gets lock_timeout = {} from {}: it gives up \
+                 whenever it waits that long for a lock an application holds on the target, and restarts (or, with \
+                 disable_on_error, stops applying)",
+                quote_ident(user),
+                set.value,
+                set.origin(user, database)
+            ),
+            role_settings::fix(user, database, "lock_timeout", "0"),
+        ));
+    }
     Ok(findings)
 }
 

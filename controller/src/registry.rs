@@ -27,12 +27,29 @@ pub struct ConnectedAgent {
 
 /// Connected agents. A std mutex: it is never held across an await, only
 /// to insert, remove or copy out an entry.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     agents: Mutex<HashMap<String, ConnectedAgent>>,
+    /// When each agent's last link ended (while it is away).
+    departed: Mutex<HashMap<String, SystemTime>>,
+    /// When this controller began to listen: an agent never seen since has
+    /// been away at least that long.
+    created: SystemTime,
     next_link_id: AtomicU64,
     /// Woken whenever an agent connects, for steps waiting for theirs.
     connected: tokio::sync::Notify,
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            agents: Mutex::default(),
+            departed: Mutex::default(),
+            created: SystemTime::now(),
+            next_link_id: AtomicU64::default(),
+            connected: tokio::sync::Notify::new(),
+        }
+    }
 }
 
 impl Registry {
@@ -58,9 +75,25 @@ impl Registry {
         let mut agents = self.lock();
         if agents.get(name).is_some_and(|a| a.link_id == link_id) {
             agents.remove(name);
+            drop(agents);
+            self.departed
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(name.to_owned(), SystemTime::now());
             return true;
         }
         false
+    }
+
+    /// Since when the named agent is away (its last link ended, or it has
+    /// not connected since this controller started); `None` while it is
+    /// connected.
+    pub fn away_since(&self, name: &str) -> Option<SystemTime> {
+        if self.lock().contains_key(name) {
+            return None;
+        }
+        let departed = self.departed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Some(departed.get(name).copied().unwrap_or(self.created))
     }
 
     pub fn get(&self, name: &str) -> Option<ConnectedAgent> {

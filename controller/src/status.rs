@@ -207,11 +207,27 @@ pub async fn status(runner: &Runner) -> Result<wire::StatusResponse, Status> {
             since_unix_ms: unix_ms(r.since),
         })
         .collect();
-    let waiting = ctx.state.waiting().map(|w| wire::AgentWait {
-        agent: w.agent,
-        phase: w.phase.to_owned(),
-        since_unix_ms: unix_ms(w.since),
-    });
+    // Streaming waits for the agent too (for its lag, for a cutover)
+    // although no step is running to say so.
+    let resting_without_agent = || {
+        (record.phase == Phase::Streaming)
+            .then(|| ctx.registry.away_since(&record.agent))
+            .flatten()
+            .map(|since| crate::migration::state::Waiting {
+                agent: record.agent.clone(),
+                since,
+                phase: record.phase.name(),
+            })
+    };
+    let waiting = ctx
+        .state
+        .waiting()
+        .or_else(resting_without_agent)
+        .map(|w| wire::AgentWait {
+            agent: w.agent,
+            phase: w.phase.to_owned(),
+            since_unix_ms: unix_ms(w.since),
+        });
     Ok(wire::StatusResponse {
         lag_bytes: slot.as_ref().map(|s| s.lag_bytes),
         lag_seconds: slot.as_ref().map(|s| s.lag_seconds),

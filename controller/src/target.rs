@@ -4,7 +4,7 @@
 //! walbridge's short questions (status, the cutover's polls) never hang.
 
 use tokio_postgres::Client;
-use walbridge_daemon::pg::Database;
+use walbridge_daemon::pg::{Database, SessionPolicy};
 use walbridge_migration::copy::SESSION_SETTINGS;
 use walbridge_migration::fault::Fault;
 
@@ -22,28 +22,24 @@ pub enum Purpose {
     Control,
 }
 
-/// Bulk work must not be cut off by a role's or database's timeouts; it
-/// does not wait for locks either, because its tables are its own.
-const UNBOUNDED: &str = "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; SET lock_timeout = 0";
-/// A question that takes longer than this is stuck; so is one waiting
-/// this long for a lock.
-const BOUNDED: &str = "SET statement_timeout = '30s'; SET idle_in_transaction_session_timeout = 0; \
-                       SET lock_timeout = '10s'";
+impl Purpose {
+    /// The session policy of this purpose (`walbridge_daemon::pg::session`):
+    /// bulk work is never cut off by a timeout and does not bound its lock
+    /// waits either, because its tables are its own; a question that takes
+    /// longer than 30 s is stuck, and so is one waiting 10 s for a lock.
+    pub fn policy(self) -> SessionPolicy {
+        match self {
+            Purpose::Copy => SessionPolicy::UNBOUNDED.with_setup(SESSION_SETTINGS),
+            Purpose::Schema => SessionPolicy::UNBOUNDED,
+            Purpose::Control => SessionPolicy::BOUNDED,
+        }
+    }
+}
 
 /// Opens a session for `purpose`.
 pub async fn connect(target: &Database, purpose: Purpose) -> Result<Client, Fault> {
-    let client = target
-        .connect(APPLICATION_NAME)
+    target
+        .connect_with(APPLICATION_NAME, &purpose.policy())
         .await
-        .map_err(|e| crate::fault::connect(&e))?;
-    let settings = match purpose {
-        Purpose::Copy => format!("{UNBOUNDED}; {SESSION_SETTINGS}"),
-        Purpose::Schema => UNBOUNDED.to_owned(),
-        Purpose::Control => BOUNDED.to_owned(),
-    };
-    client
-        .batch_execute(&settings)
-        .await
-        .map_err(|e| crate::fault::target("cannot prepare the target session", &e))?;
-    Ok(client)
+        .map_err(|e| crate::fault::connect(&e))
 }

@@ -80,3 +80,25 @@ async fn each_problem_on_the_target_is_found_and_a_clean_target_passes() {
         (Severity::Error, "app")
     );
 }
+
+#[tokio::test]
+async fn a_lock_timeout_the_subscriptions_apply_worker_would_run_with_is_a_warning() {
+    let cluster = Cluster::builder("target").start();
+    cluster.create_database("app");
+    let owner_settings = |f: &[Finding]| f.iter().find(|f| f.check == "subscription_owner_settings").cloned();
+    assert_eq!(owner_settings(&findings(&cluster.url("app"), &facts()).await), None);
+
+    // The database's default reaches every role, the apply worker's too.
+    cluster.psql("app", "ALTER DATABASE app SET lock_timeout = '2s'");
+    let f = findings(&cluster.url("app"), &facts()).await;
+    let found = owner_settings(&f).expect("a finding");
+    assert_eq!(found.severity, Severity::Warning);
+    assert!(
+        found.message.contains("lock_timeout = 2s") && found.message.contains("ALTER DATABASE app"),
+        "{found:?}"
+    );
+    assert_eq!(found.fix, "ALTER ROLE postgres IN DATABASE app SET lock_timeout = '0';");
+    // The fix is the role's own setting, which outranks the database's.
+    cluster.psql("app", &found.fix);
+    assert_eq!(owner_settings(&findings(&cluster.url("app"), &facts()).await), None);
+}

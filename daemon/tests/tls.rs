@@ -347,7 +347,7 @@ fn pg_dump(cluster: &Cluster, db: &Database) -> Result<String, String> {
         .install()
         .command("pg_dump")
         .args(["--schema-only", "--no-owner"])
-        .envs(db.libpq_environment("walbridge-tls-test"))
+        .envs(db.libpq_environment("walbridge-tls-test", &walbridge_daemon::pg::SessionPolicy::UNBOUNDED))
         .output()
         .expect("pg_dump runs");
     if out.status.success() {

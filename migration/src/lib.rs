@@ -7,6 +7,8 @@
 //!   between them.
 //! * [`fault`]: what went wrong, classified, and the one policy for it.
 //! * [`finding`]: what preflight reports.
+//! * [`role_settings`]: `ALTER ROLE/DATABASE ... SET` in force for roles
+//!   whose sessions walbridge does not open (the subscription's).
 //! * [`script`]: pg_dump's SQL script split into statements.
 //! * [`selection`]: which tables `--tables` / `--exclude` keep.
 //! * [`skip`]: which schema entries are not applied (`--skip`, and what
@@ -20,6 +22,7 @@ pub mod fault;
 pub mod finding;
 pub mod ident;
 pub mod lsn;
+pub mod role_settings;
 pub mod script;
 pub mod selection;
 pub mod skip;

@@ -6,12 +6,14 @@
 //! `verify-full`, `sslrootcert` incl. `system`, client certificates,
 //! direct TLS). Every session it opens says who it is
 //! (`application_name`), gives up connecting after `connect_timeout`, runs
-//! in UTC, and speaks TLS through [`tls`], the one rustls configuration
-//! that the replication connection uses too. A connection that fails says
+//! in UTC under a [`SessionPolicy`] (the timeouts walbridge sets whatever
+//! the role's defaults: [`session`]), and speaks TLS through [`tls`], the
+//! one rustls configuration that the replication connection uses too. A connection that fails says
 //! why in one line naming the setting ([`ConnectError`]). Connection
 //! strings are shown only with their password removed.
 
 pub mod conninfo;
+pub mod session;
 pub mod ssl;
 pub mod tls;
 
@@ -25,6 +27,7 @@ use tokio_postgres::config::{Host, TargetSessionAttrs};
 use tokio_postgres::{Client, Config, NoTls};
 
 use self::conninfo::Parameters;
+pub use self::session::SessionPolicy;
 use self::ssl::{SslMode, SslParams};
 use self::tls::{Encryption, TlsConnector};
 use crate::settings::{Environment, ProcessEnvironment, SettingError};
@@ -306,6 +309,14 @@ impl Database {
         self.options.as_deref()
     }
 
+    /// The startup packet's `options` for a session under `policy`: the
+    /// URL's own, then the policy's (the replication client sends these;
+    /// sessions and pg_dump get them from [`Database::connect_with`] and
+    /// [`Database::libpq_environment`]).
+    pub fn startup_options(&self, policy: &SessionPolicy) -> String {
+        session::combined_options(self.options.as_deref(), policy)
+    }
+
     /// How long one connection attempt may take; `None`: forever.
     pub fn connect_timeout(&self) -> Option<Duration> {
         self.connect_timeout
@@ -377,8 +388,11 @@ impl Database {
     /// such as pg_dump: the password travels in the child's environment,
     /// never on a command line that `ps` shows. Every TLS parameter goes
     /// as its `PG*` variable (`sslrootcert=system` as the system's bundle
-    /// file, for a libpq older than 16).
-    pub fn libpq_environment(&self, application_name: &str) -> Vec<(String, String)> {
+    /// file, for a libpq older than 16). `PGOPTIONS` carries `policy`'s
+    /// startup options after the URL's own; the settings only newer
+    /// servers have are the child's to set (pg_dump sets its own timeouts,
+    /// and holds a transaction throughout, so no idle timeout applies).
+    pub fn libpq_environment(&self, application_name: &str, policy: &SessionPolicy) -> Vec<(String, String)> {
         let mut env = vec![
             ("PGAPPNAME".to_owned(), application_name.to_owned()),
             ("PGDATABASE".to_owned(), self.dbname.clone()),
@@ -400,9 +414,7 @@ impl Database {
         if let Some(password) = &self.password {
             env.push(("PGPASSWORD".to_owned(), password.clone()));
         }
-        if let Some(options) = &self.options {
-            env.push(("PGOPTIONS".to_owned(), options.clone()));
-        }
+        env.push(("PGOPTIONS".to_owned(), self.startup_options(policy)));
         env.extend(self.ssl.libpq_environment());
         env
     }
@@ -469,27 +481,47 @@ impl Database {
         }
     }
 
-    /// Opens a session named `application_name`. The connection's task ends
-    /// when the returned client is dropped.
+    /// Opens a session named `application_name` under the unbounded
+    /// policy: nothing the role or the database sets cuts it off.
     pub async fn connect(&self, application_name: &str) -> Result<Client, ConnectError> {
-        let client = self
-            .with_encryption(|encryption| self.connect_once(application_name, encryption))
+        self.connect_with(application_name, &SessionPolicy::UNBOUNDED).await
+    }
+
+    /// Opens a session named `application_name` under `policy`: its
+    /// timeouts in the startup packet, the settings only newer servers
+    /// know set once the server said its version, then `policy.setup`,
+    /// all before the caller's first statement. The connection's task
+    /// ends when the returned client is dropped.
+    pub async fn connect_with(&self, application_name: &str, policy: &SessionPolicy) -> Result<Client, ConnectError> {
+        let (client, server_version_num) = self
+            .with_encryption(|encryption| self.connect_once(application_name, policy, encryption))
             .await?;
-        client.batch_execute("SET TIME ZONE 'UTC'").await.map_err(|e| {
-            self.connect_error(vec![(
-                Encryption::Plain,
-                Failure::new(
-                    FailureKind::Session,
-                    format!("setting the session up: {}", describe(&e)),
-                ),
-            )])
+        let setup = format!(
+            "SET TIME ZONE 'UTC'; {} {}",
+            policy.versioned_statements(server_version_num),
+            policy.setup
+        );
+        client.batch_execute(&setup).await.map_err(|e| {
+            let mut failure = Failure::new(
+                FailureKind::Session,
+                format!("setting the session up: {}", describe(&e)),
+            );
+            failure.sqlstate = e.code().map(|c| c.code().to_owned());
+            self.connect_error(vec![(Encryption::Plain, failure)])
         })?;
         Ok(client)
     }
 
-    async fn connect_once(&self, application_name: &str, encryption: Encryption) -> Result<Client, Failure> {
+    /// One attempt; returns the session and the server's version.
+    async fn connect_once(
+        &self,
+        application_name: &str,
+        policy: &SessionPolicy,
+        encryption: Encryption,
+    ) -> Result<(Client, u32), Failure> {
         use tokio_postgres::config::{SslMode as Mode, SslNegotiation as Negotiation};
-        let mut config = self.session_config(application_name);
+        let mut config = self.session_config(application_name, policy);
+        let version = |parameter: Option<&str>| session::server_version_num(parameter.unwrap_or_default());
         match encryption {
             Encryption::Plain => {
                 config.ssl_mode(Mode::Disable);
@@ -497,8 +529,9 @@ impl Database {
                     .connect(NoTls)
                     .await
                     .map_err(|e| Failure::from_postgres(&e, None))?;
+                let server_version_num = version(connection.parameter("server_version"));
                 spawn_connection(connection);
-                Ok(client)
+                Ok((client, server_version_num))
             }
             Encryption::IfOffered | Encryption::Required => {
                 let connector = self.tls_connector()?;
@@ -520,14 +553,15 @@ impl Database {
                         failure.last_attempt()
                     }
                 })?;
+                let server_version_num = version(connection.parameter("server_version"));
                 spawn_connection(connection);
-                Ok(client)
+                Ok((client, server_version_num))
             }
         }
     }
 
     /// tokio-postgres's view of this database, TLS aside.
-    fn session_config(&self, application_name: &str) -> Config {
+    fn session_config(&self, application_name: &str, policy: &SessionPolicy) -> Config {
         let mut config = Config::new();
         match (&self.host, self.hostaddr) {
             (Some(Host::Tcp(name)), _) => config.host(name),
@@ -545,9 +579,7 @@ impl Database {
         if let Some(password) = &self.password {
             config.password(password);
         }
-        if let Some(options) = &self.options {
-            config.options(options);
-        }
+        config.options(self.startup_options(policy));
         if let Some(limit) = self.connect_timeout {
             config.connect_timeout(limit);
         }

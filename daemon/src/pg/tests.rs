@@ -235,7 +235,10 @@ fn sslrootcert_system_means_verify_full_and_refuses_weaker_modes() {
     );
 
     // pg_dump's libpq may take "system" for a file name: it gets the bundle.
-    let env: BTreeMap<String, String> = db.libpq_environment("pg_dump").into_iter().collect();
+    let env: BTreeMap<String, String> = db
+        .libpq_environment("pg_dump", &SessionPolicy::UNBOUNDED)
+        .into_iter()
+        .collect();
     assert_eq!(env["PGSSLROOTCERT"], bundle);
     assert_eq!(env["PGSSLMODE"], "verify-full");
     // The subscription's libpq (16+ on the target) reads "system" itself.
@@ -430,7 +433,10 @@ fn hostaddr_is_where_to_connect_and_host_what_tls_checks() {
     assert!(matches!(db.endpoint(), Some((Host::Tcp(address), 5433)) if address == "127.0.0.1"));
     assert_eq!(db.libpq_host().as_deref(), Some("db.example"));
     assert_eq!(db.tls_server_name(), "db.example");
-    let env: BTreeMap<String, String> = db.libpq_environment("pg_dump").into_iter().collect();
+    let env: BTreeMap<String, String> = db
+        .libpq_environment("pg_dump", &SessionPolicy::UNBOUNDED)
+        .into_iter()
+        .collect();
     assert_eq!(
         (env["PGHOST"].as_str(), env["PGHOSTADDR"].as_str()),
         ("db.example", "127.0.0.1")
@@ -567,7 +573,10 @@ fn pg_dump_gets_every_tls_parameter_as_its_variable() {
         )),
         &[],
     );
-    let env: BTreeMap<String, String> = db.libpq_environment("walbridge-agent").into_iter().collect();
+    let env: BTreeMap<String, String> = db
+        .libpq_environment("walbridge-agent", &SessionPolicy::UNBOUNDED)
+        .into_iter()
+        .collect();
     let expected = [
         ("PGSSLMODE", "verify-ca".to_owned()),
         ("PGSSLROOTCERT", ca.cert_path().display().to_string()),
@@ -581,6 +590,11 @@ fn pg_dump_gets_every_tls_parameter_as_its_variable() {
         ("PGHOST", "db.example".to_owned()),
         ("PGPORT", "5433".to_owned()),
         ("PGAPPNAME", "walbridge-agent".to_owned()),
+        // The session policy's timeouts, which outrank the role's own.
+        (
+            "PGOPTIONS",
+            "-c statement_timeout=0 -c lock_timeout=0 -c idle_in_transaction_session_timeout=0".to_owned(),
+        ),
     ];
     for (name, value) in expected {
         assert_eq!(env.get(name), Some(&value), "{name}");

@@ -1,16 +1,12 @@
 //! The link: agent and controller in separate processes, mutual TLS with
 //! the agent dialing out, Hello, reconnection, and refusals.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use harness::Cluster;
 use harness::daemons::{Daemon, eventually};
 
-use crate::support::{Install, LINK_TIMEOUT};
+use crate::support::{Install, LINK_TIMEOUT, Relay};
 
 #[test]
 fn agent_and_controller_complete_hello_over_mutual_tls() {
@@ -169,63 +165,12 @@ fn an_unreachable_source_is_reported_through_hello_and_the_agent_keeps_serving()
     assert_eq!(up["source"]["reachable"], true, "{up}");
 }
 
-/// A TCP relay between agent and controller that can go silent: it stops
-/// forwarding without closing anything, as a dead network path does.
-struct SilenceableRelay {
-    port: u16,
-    silent: Arc<AtomicBool>,
-}
-
-impl SilenceableRelay {
-    fn start(to_port: u16) -> SilenceableRelay {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let silent = Arc::new(AtomicBool::new(false));
-        let flag = silent.clone();
-        std::thread::spawn(move || {
-            for inbound in listener.incoming().flatten() {
-                let Ok(outbound) = TcpStream::connect(("127.0.0.1", to_port)) else {
-                    continue;
-                };
-                for (mut from, mut to) in [
-                    (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
-                    (outbound, inbound),
-                ] {
-                    let flag = flag.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16 * 1024];
-                        loop {
-                            let n = match from.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            if flag.load(Ordering::SeqCst) {
-                                // Swallow everything, close nothing.
-                                continue;
-                            }
-                            if to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(Shutdown::Write);
-                    });
-                }
-            }
-        });
-        SilenceableRelay { port, silent }
-    }
-
-    fn go_silent(&self) {
-        self.silent.store(true, Ordering::SeqCst);
-    }
-}
-
 #[test]
 fn keepalive_finds_a_silent_link_within_ten_seconds_on_both_sides() {
     let source = Cluster::builder("source").logical().start();
     let install = Install::new("localhost", &["east"]);
     let _controller = install.start_controller();
-    let relay = SilenceableRelay::start(install.agent_port);
+    let relay = Relay::start(install.agent_port);
     let mut args = install.agent_args("east", &source.url("postgres"), "localhost");
     let endpoint_at = args.iter().position(|a| a == "--controller-endpoint").unwrap();
     args[endpoint_at + 1] = format!("localhost:{}", relay.port);
@@ -234,7 +179,7 @@ fn keepalive_finds_a_silent_link_within_ten_seconds_on_both_sides() {
         install.connected_agent("east")
     });
 
-    relay.go_silent();
+    relay.cut();
     let silent_since = Instant::now();
     eventually(
         Duration::from_secs(15),

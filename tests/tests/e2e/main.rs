@@ -6,6 +6,7 @@ mod application;
 mod cutover;
 mod demo;
 mod deploy;
+mod faults;
 mod link;
 mod managed;
 mod progress;

@@ -1,7 +1,11 @@
 //! An install on this machine: certificates from `walbridge certs init`, a
 //! controller and agents configured to use them, each in its own folder.
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use harness::daemons::{AGENT, CONTROLLER, Daemon, free_port, walbridge};
@@ -197,11 +201,44 @@ impl Migration {
         target_url: &str,
         extra: &[&str],
     ) -> Migration {
+        Migration::build(source, prepare_source, target, target_url, extra, None)
+    }
+
+    /// Like [`Migration::new`], with the agent's link to the controller
+    /// going through a [`Relay`] the test can cut.
+    pub fn through_relay(source: harness::Cluster, prepare_source: &str) -> (Migration, Relay) {
+        let target = harness::Cluster::builder("target").start();
+        target.create_database(DATABASE);
+        let target_url = target.url(DATABASE);
+        let install = Install::new("localhost", &["east"]);
+        let relay = Relay::start(install.agent_port);
+        let m = Migration::build(
+            source,
+            prepare_source,
+            target,
+            &target_url,
+            &[],
+            Some((install, relay.port)),
+        );
+        (m, relay)
+    }
+
+    fn build(
+        source: harness::Cluster,
+        prepare_source: &str,
+        target: harness::Cluster,
+        target_url: &str,
+        extra: &[&str],
+        relayed: Option<(Install, u16)>,
+    ) -> Migration {
         source.create_database(DATABASE);
         if !prepare_source.is_empty() {
             source.psql(DATABASE, prepare_source);
         }
-        let install = Install::new("localhost", &["east"]);
+        let (install, agent_port) = match relayed {
+            Some((install, relay_port)) => (install, Some(relay_port)),
+            None => (Install::new("localhost", &["east"]), None),
+        };
         let controller = Daemon::start(
             "controller",
             harness::daemons::CONTROLLER,
@@ -213,7 +250,12 @@ impl Migration {
             .concat(),
             install.path(),
         );
-        let agent = install.start_agent("east", &source.url(DATABASE));
+        let mut agent_args = install.agent_args("east", &source.url(DATABASE), "localhost");
+        if let Some(port) = agent_port {
+            let endpoint = agent_args.iter().position(|a| a == "--controller-endpoint").unwrap();
+            agent_args[endpoint + 1] = format!("localhost:{port}");
+        }
+        let agent = Daemon::start("agent-east", AGENT, &agent_args, install.path());
         harness::daemons::eventually(LINK_TIMEOUT, "agent east to connect", || {
             install.connected_agent("east")
         });
@@ -349,6 +391,11 @@ pub struct Session {
 
 impl Session {
     pub fn open(url: &str) -> Session {
+        Session::try_open(url).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A session, or why the server would not give one (it is down).
+    pub fn try_open(url: &str) -> Result<Session, String> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -357,8 +404,8 @@ impl Session {
         let database = walbridge_daemon::pg::Database::parse("test session", url).expect("a valid URL");
         let client = runtime
             .block_on(database.connect("walbridge-test"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        Session { runtime, client }
+            .map_err(|e| e.to_string())?;
+        Ok(Session { runtime, client })
     }
 
     pub fn execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
@@ -383,5 +430,82 @@ impl Session {
                 _ => None,
             })
             .unwrap_or_default())
+    }
+}
+
+/// A TCP relay (between agent and controller) that can be cut as a dead
+/// network path is: from [`Relay::cut`] it forwards nothing and closes
+/// nothing, so only keepalives notice; connections made during the cut
+/// are as dead. After [`Relay::restore`], new connections go through (a
+/// connection cut stays dead, as one that lost its packets would).
+pub struct Relay {
+    pub port: u16,
+    state: Arc<Mutex<RelayState>>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    cut: bool,
+    /// Each connection's "dead" flag.
+    connections: Vec<Arc<AtomicBool>>,
+}
+
+impl Relay {
+    pub fn start(to_port: u16) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(RelayState::default()));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for inbound in listener.incoming().flatten() {
+                let Ok(outbound) = TcpStream::connect(("127.0.0.1", to_port)) else {
+                    continue;
+                };
+                let dead = {
+                    let mut state = shared.lock().unwrap();
+                    let dead = Arc::new(AtomicBool::new(state.cut));
+                    state.connections.push(dead.clone());
+                    dead
+                };
+                for (mut from, mut to) in [
+                    (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                    (outbound, inbound),
+                ] {
+                    let dead = dead.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if dead.load(Ordering::SeqCst) {
+                                // Swallow everything, close nothing.
+                                continue;
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Relay { port, state }
+    }
+
+    /// Cuts the path: every connection, and any made until `restore`.
+    pub fn cut(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.cut = true;
+        for dead in &state.connections {
+            dead.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// New connections go through again.
+    pub fn restore(&self) {
+        self.state.lock().unwrap().cut = false;
     }
 }
