@@ -66,17 +66,18 @@ pub async fn verify(ctx: &Context, request: wire::VerifyRequest) -> Result<wire:
         .await;
     let mut results = results;
     if !record.skip_large_objects && selection.tables.is_empty() && selection.exclude.is_empty() {
-        results.push(large_objects(&agent, &target).await);
+        results.extend(large_objects(&agent, &target).await);
     }
     Ok(wire::VerifyResponse { tables: results })
 }
 
 /// The large objects, as one line of the report: their count and a hash
-/// of every object's size and content hash.
+/// of every object's size and content hash. No line when neither side has
+/// any, so a database without them reports only its tables.
 async fn large_objects(
     agent: &crate::registry::AgentClient,
     target: &walbridge_daemon::pg::Database,
-) -> wire::TableVerification {
+) -> Option<wire::TableVerification> {
     let name = "large objects".to_owned();
     let compared = async {
         let source = crate::large_objects::source_digests(agent, "").await?;
@@ -88,7 +89,8 @@ async fn large_objects(
         ))
     };
     match compared.await {
-        Ok((source, target)) => wire::TableVerification {
+        Ok((source, target)) if source.0 == 0 && target.0 == 0 => None,
+        Ok((source, target)) => Some(wire::TableVerification {
             name,
             matches: source == target,
             source_rows: source.0,
@@ -96,11 +98,11 @@ async fn large_objects(
             target_rows: target.0,
             target_checksum: target.1,
             error: String::new(),
-        },
-        Err(e) => wire::TableVerification {
+        }),
+        Err(e) => Some(wire::TableVerification {
             name,
             error: e.to_string(),
             ..Default::default()
-        },
+        }),
     }
 }

@@ -273,9 +273,9 @@ fn a_cutover_that_cannot_take_its_locks_fails_in_time_and_lifts_the_fence() {
 /// and makes it need it: the target cannot catch up while this lives.
 fn stall_the_target(m: &Migration) -> Session {
     let stall = Session::open(&m.target.url(DATABASE));
-    stall
-        .execute("BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
+    // SHARE blocks the apply worker's ROW EXCLUSIVE but not the catalog
+    // reads (ACCESS SHARE) the cutover makes before it fences.
+    stall.execute("BEGIN; LOCK TABLE orders IN SHARE MODE").unwrap();
     m.source.psql(DATABASE, "INSERT INTO orders (amount) VALUES (7)");
     stall
 }
