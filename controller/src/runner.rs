@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
+use walbridge_daemon::crash_point;
+use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, FaultKind, Policy};
 
 use crate::migration::{Context, CutoverReport, MigrationRecord, Phase, TableRecord};
@@ -189,6 +191,7 @@ impl Runner {
             )));
         }
         self.ctx.state.create(&record, &tables).await?;
+        crash_point!(fp::START_RECORDED);
         self.tasks.spawn(self.clone().drive(claim));
         Ok(())
     }
@@ -272,10 +275,16 @@ impl Runner {
         }
         let agent = self.connected_agent(&record)?;
         let claim = self.claim(Operation::Cutover)?;
-        let ctx = self.ctx.clone();
+        let runner = self.clone();
         let task = self.tasks.spawn(async move {
-            let report = cutover::run(&ctx, &agent, options, &claim.cancel).await;
+            let report = cutover::run(&runner.ctx, &agent, options, &claim.cancel).await;
             drop(claim);
+            // A cutover whose rollback could not finish rests in phase
+            // `cutover`: the drive finishes it, here and not in the API
+            // call, which the CLI may have left.
+            if let Err(e) = runner.resume() {
+                tracing::error!(error = %e, "cannot resume the migration after its cutover");
+            }
             report
         });
         task.await

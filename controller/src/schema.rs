@@ -21,6 +21,7 @@ use walbridge_proto::v1 as wire;
 
 use walbridge_migration::fault::Fault;
 
+use crate::bookkeeping;
 use crate::registry::AgentClient;
 use crate::target::{self, Purpose};
 use crate::transfer::decompress;
@@ -63,10 +64,17 @@ pub async fn dump(
     Ok(statements)
 }
 
-/// Applies statements in order in one transaction: all of them, or
-/// (the first rejected one stops it) none.
-pub async fn apply_in_one_transaction(target: &Database, statements: &[Statement]) -> Result<(), Fault> {
+/// Applies migration `migration`'s pre-data statements in order in one
+/// transaction: all of them, or (the first rejected one stops it) none.
+/// The transaction also records pre-data applied (`bookkeeping`), so a
+/// crash after its commit never applies it twice.
+pub async fn apply_in_one_transaction(
+    target: &Database,
+    statements: &[Statement],
+    migration: &str,
+) -> Result<(), Fault> {
     let client = connect(target).await?;
+    bookkeeping::ensure(&client).await?;
     let begun = client.batch_execute("BEGIN").await;
     begun.map_err(|e| crate::fault::target("cannot begin the pre-data transaction", &e))?;
     for (done, statement) in statements.iter().enumerate() {
@@ -91,6 +99,10 @@ pub async fn apply_in_one_transaction(target: &Database, statements: &[Statement
                 ),
             ));
         }
+    }
+    if let Err(e) = bookkeeping::record_pre_data(&client, migration).await {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(crate::fault::target("cannot record pre-data applied on the target", &e));
     }
     client
         .batch_execute("COMMIT")

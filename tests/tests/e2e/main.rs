@@ -2,6 +2,7 @@
 //! real PostgreSQL clusters started by the harness. One binary for all of
 //! them (one link step, one build of the binaries).
 
+mod crash;
 mod cutover;
 mod demo;
 mod deploy;
