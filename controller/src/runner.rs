@@ -265,6 +265,9 @@ impl Runner {
     /// Runs a cutover of the streaming migration as the runner's task and
     /// returns its report once it is over.
     pub async fn cutover(self: &Arc<Self>, options: cutover::Options) -> Result<CutoverReport, RunError> {
+        // Claimed first: a second cutover while one runs (phase `cutover`)
+        // is told it is busy, not that the phase is wrong.
+        let claim = self.claim(Operation::Cutover)?;
         let record = self.current()?;
         if record.phase != Phase::Streaming {
             return Err(RunError::Refused(format!(
@@ -274,7 +277,6 @@ impl Runner {
             )));
         }
         let agent = self.connected_agent(&record)?;
-        let claim = self.claim(Operation::Cutover)?;
         let runner = self.clone();
         let task = self.tasks.spawn(async move {
             let report = cutover::run(&runner.ctx, &agent, options, &claim.cancel).await;

@@ -131,6 +131,10 @@ pub async fn run(
 
     record.phase = Phase::Cutover;
     record.detach = Detach::default();
+    // The last cutover's report is this one's from now on: one that is
+    // journaled while the phase is still `cutover` failed before its
+    // rollback could finish.
+    record.cutover = None;
     save(ctx, &record).await?;
     crash_point!(fp::CUTOVER_STARTED);
     let outcome = fence_and_switch(ctx, &target, agent, &mut record, &mut steps, Until { deadline, stop }).await;
@@ -442,13 +446,28 @@ pub async fn resolve_interrupted(
     record: &mut MigrationRecord,
 ) -> Result<(), StepError> {
     let target = target::connect(ctx.target()?, Purpose::Control).await?;
+    // No report: the controller died during the cutover; one: the cutover
+    // failed and its rollback waited for the agent.
+    let why = match record.cutover.as_ref() {
+        Some(report) => format!("its failure ({})", report.error),
+        None => "a controller restart".to_owned(),
+    };
     match subscription::state(&target, &record.subscription).await? {
         State::Detached => {
             record.detach.slot_released = true;
             record.phase = Phase::CutOver;
-            record.events.push(
-                "a cutover interrupted by a restart had already detached the subscription: it is done".to_owned(),
-            );
+            record.cutover = Some(CutoverReport {
+                done: true,
+                steps: vec![(
+                    "detach".to_owned(),
+                    0.0,
+                    format!("found detached after {why}; the write downtime was not measured"),
+                )],
+                ..CutoverReport::default()
+            });
+            record.events.push(format!(
+                "a cutover interrupted by {why} had already detached the subscription: it is done"
+            ));
         }
         state => {
             if state == State::Disabled {
@@ -458,9 +477,13 @@ pub async fn resolve_interrupted(
             record.fence_sealed = false;
             record.detach = Detach::default();
             record.phase = Phase::Streaming;
-            record.events.push(
-                "a cutover was interrupted by a controller restart: the fence is lifted, streaming goes on".to_owned(),
-            );
+            record.cutover = Some(CutoverReport {
+                error: format!("interrupted by {why}; rolled back: the fence is lifted, streaming goes on"),
+                ..CutoverReport::default()
+            });
+            record.events.push(format!(
+                "a cutover was interrupted by {why}: the fence is lifted, streaming goes on"
+            ));
         }
     }
     save(ctx, record).await

@@ -49,9 +49,14 @@ fn armed(points: &[&str]) -> String {
 }
 
 /// A migration between fresh clusters whose daemons carry crash points,
-/// armed as given. The target retries a broken subscription connection
+/// armed as given (`FAILPOINTS` syntax). The target retries a broken subscription connection
 /// quickly: the tunnel breaks with every controller restart.
-fn crashable(schema: &str, controller_extra: &[&str], controller_points: &[&str], agent_points: &[&str]) -> Migration {
+fn crashable(
+    schema: &str,
+    controller_extra: &[&str],
+    controller_failpoints: &str,
+    agent_failpoints: &str,
+) -> Migration {
     let source = Cluster::builder("source").logical().start();
     source.create_database(DATABASE);
     source.psql(DATABASE, schema);
@@ -69,14 +74,14 @@ fn crashable(schema: &str, controller_extra: &[&str], controller_points: &[&str]
             controller_extra.iter().map(|a| a.to_string()).collect(),
         ]
         .concat(),
-        &armed(controller_points),
+        controller_failpoints,
         install.path(),
     );
     let agent = Daemon::start_with_failpoints(
         "agent-east",
         AGENT,
         &install.agent_args("east", &source.url(DATABASE), "localhost"),
-        &armed(agent_points),
+        agent_failpoints,
         install.path(),
     );
     eventually(LINK_TIMEOUT, "agent east to connect", || {
@@ -406,14 +411,14 @@ fn output_of(child: &mut std::process::Child) -> String {
     out
 }
 
-fn cutover_in_background(m: &Migration) -> std::process::Child {
+fn cutover_in_background(m: &Migration, max_lag: &str) -> std::process::Child {
     std::process::Command::new(binary(CLI))
         .args([
             "--api",
             &m.install.api(),
             "cutover",
             "--max-lag",
-            "5s",
+            max_lag,
             "--timeout",
             "60s",
             "--json",
@@ -459,8 +464,8 @@ fn a_kill_9_at_every_step_boundary_of_either_daemon_leaves_a_migration_that_comp
     let mut m = crashable(
         &format!("{SCHEMA} {WALK_SCHEMA}"),
         &["--copy-split-bytes", SPLIT_BYTES],
-        &controller_left,
-        &agent_left,
+        &armed(&controller_left),
+        &armed(&agent_left),
     );
     let mut writers = Writers::start(&m);
     let mut walk = Walk {
@@ -476,6 +481,7 @@ fn a_kill_9_at_every_step_boundary_of_either_daemon_leaves_a_migration_that_comp
     });
     let _ = start.kill();
     let _ = start.wait();
+    assert_streaming_again(&m, "the initial sync");
     assert_eq!(
         walk.controller.first(),
         Some(&fp::CUTOVER_STARTED),
@@ -509,7 +515,7 @@ fn a_kill_9_at_every_step_boundary_of_either_daemon_leaves_a_migration_that_comp
         eventually(LINK_TIMEOUT, "the agent to be connected", || {
             m.install.connected_agent("east")
         });
-        let mut cutover = cutover_in_background(&m);
+        let mut cutover = cutover_in_background(&m, "5s");
         let mut ended = None;
         let status = walk.until(&mut m, "the cutover to crash and be resolved", |status, crashed| {
             // A cutover that ended with no daemon dead for a while reached
@@ -534,11 +540,17 @@ fn a_kill_9_at_every_step_boundary_of_either_daemon_leaves_a_migration_that_comp
         });
         if point == fp::CUTOVER_DETACH_COMMITTED {
             assert_cut_over(&m, point);
+            assert_eq!(m.status()["cutover"]["done"], true, "{point}");
             break;
         }
         assert_eq!(
             status["phase"], "streaming",
             "{point}: rolled back, not cut over: {status}"
+        );
+        let report = &status["cutover"];
+        assert!(
+            report["done"] == false && !report["error"].as_str().unwrap_or_default().is_empty(),
+            "{point}: the last cutover is reported failed: {status}"
         );
         eventually(WAIT, &format!("{point}: the subscription to stream again"), || {
             (m.status()["subscription"] == "streaming").then_some(())
@@ -583,4 +595,186 @@ fn a_kill_9_at_every_step_boundary_of_either_daemon_leaves_a_migration_that_comp
         synced,
         started.elapsed()
     );
+}
+
+/// Runs `walbridge <args>` and expects it to fail at a crash point of the
+/// controller's, which is restarted with `next` armed.
+fn crash_the_controller(m: &mut Migration, args: &[&str], at: &str, next: &str) {
+    let out = m.cli(args);
+    assert!(
+        !out.status.success(),
+        "{args:?} answered although the controller crashed: {out:?}"
+    );
+    assert_eq!(crash_point_of(&mut m.controller), at);
+    m.controller.arm(next);
+    m.controller.restart();
+    eventually(LINK_TIMEOUT, "the agent to connect again", || {
+        m.install.connected_agent("east")
+    });
+}
+
+#[test]
+fn after_the_point_of_no_return_every_crash_finishes_what_it_began() {
+    let mut m = crashable(SCHEMA, &[], &armed(&[fp::CUTOVER_RECORDED]), "");
+    let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json"]);
+    assert_eq!(code, Some(0), "start: {stderr} {status}");
+    let writers = Writers::start(&m);
+    eventually(WAIT, "the subscription to stream", || {
+        (m.status()["subscription"] == "streaming").then_some(())
+    });
+
+    // Cut over, journaled, and the controller dies before it answers: the
+    // cutover is done all the same.
+    crash_the_controller(
+        &mut m,
+        &["cutover", "--max-lag", "5s", "--timeout", "60s", "--json"],
+        fp::CUTOVER_RECORDED,
+        &armed(&[fp::TEARDOWN_TARGET_REMOVED, fp::TEARDOWN_RECORDED]),
+    );
+    let status = m.status();
+    assert_eq!(status["cutover"]["done"], true, "{status}");
+    assert_cut_over(&m, fp::CUTOVER_RECORDED);
+    let acknowledged = writers.finish();
+    assert!(acknowledged.stopped_by.contains("fenced"), "{acknowledged:?}");
+    assert_acknowledged_on_target(&m, &acknowledged);
+    let (code, verify, stderr) = m.cli_json(&["verify", "--json"]);
+    assert_eq!(code, Some(0), "verify: {stderr} {verify}");
+
+    // Cleanup dies half-way (the target's part done, the source's not),
+    // then after its journal write: run again, it finishes.
+    crash_the_controller(
+        &mut m,
+        &["cleanup", "--json"],
+        fp::TEARDOWN_TARGET_REMOVED,
+        &armed(&[fp::TEARDOWN_RECORDED]),
+    );
+    assert_eq!(m.status()["phase"], "cut_over");
+    crash_the_controller(&mut m, &["cleanup", "--json"], fp::TEARDOWN_RECORDED, "");
+    assert_eq!(m.status()["phase"], "cleaned_up");
+    let (code, cleaned, stderr) = m.cli_json(&["cleanup", "--json"]);
+    assert_eq!(code, Some(0), "cleanup: {stderr} {cleaned}");
+    assert_eq!(cleaned["removed"].as_array().unwrap().len(), 0, "{cleaned}");
+    assert_nothing_left(&m);
+}
+
+/// How many page ranges of `table` the agent was asked to copy so far.
+fn ranges_requested(agent: &Daemon, table: &str) -> usize {
+    agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("copying a page range") && l.contains(&format!("table={table} ")))
+        .count()
+}
+
+#[test]
+fn a_split_table_killed_mid_copy_copies_only_its_unfinished_ranges() {
+    // About 4 MB in ranges of 200 kB; the controller dies right after the
+    // fifth range commits, before the journal hears of it.
+    let mut m = crashable(
+        "CREATE TABLE wide (id int PRIMARY KEY, pad text); \
+         INSERT INTO wide SELECT i, repeat(md5(i::text), 4) FROM generate_series(1, 24000) i;",
+        &["--copy-split-bytes", "200000"],
+        &format!("{}=4*off->return", fp::COPY_UNIT_COMMITTED),
+        "",
+    );
+    let mut start = m.start_in_background(&["--copy-only", "--parallel", "2"]);
+    eventually(WAIT, "the controller to crash", || {
+        (!m.controller.is_running()).then_some(())
+    });
+    let _ = start.kill();
+    let _ = start.wait();
+    assert_eq!(crash_point_of(&mut m.controller), fp::COPY_UNIT_COMMITTED);
+    let committed: usize = m
+        .target
+        .psql(
+            DATABASE,
+            "SELECT count(*) FROM walbridge_state.copied WHERE table_name = 'public.wide'",
+        )
+        .parse()
+        .unwrap();
+    assert!(
+        committed >= 5,
+        "five ranges at least committed before the crash: {committed}"
+    );
+    let requested_before = ranges_requested(&m.agent, "public.wide");
+
+    m.controller.arm("");
+    m.controller.restart();
+    let status = m.wait_for_phase("copied", WAIT);
+    let wide = status["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "public.wide")
+        .unwrap();
+    let ranges = wide["ranges"].as_u64().unwrap() as usize;
+    assert!(
+        ranges > committed,
+        "some ranges were left for after the restart: {wide}"
+    );
+    assert_eq!(
+        ranges_requested(&m.agent, "public.wide") - requested_before,
+        ranges - committed,
+        "after the restart only the {} ranges not committed are copied, of {ranges}",
+        ranges - committed
+    );
+    assert_eq!(wide["state"], "verified", "{wide}");
+    assert_eq!(wide["rows"], 24000, "{wide}");
+    let (code, verify, stderr) = m.cli_json(&["verify", "--json"]);
+    assert_eq!(code, Some(0), "verify: {stderr} {verify}");
+}
+
+/// Holds a lock on the target that the subscription's apply worker needs,
+/// and makes it need it: the target cannot catch up while this lives.
+fn stall_the_target(m: &Migration) -> crate::support::Session {
+    let stall = crate::support::Session::open(&m.target.url(DATABASE));
+    stall
+        .execute("BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    m.source.psql(DATABASE, "INSERT INTO orders (amount) VALUES (7)");
+    stall
+}
+
+#[test]
+fn a_cutover_outlives_its_cli_and_a_second_one_meanwhile_is_refused_as_busy() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(source, SCHEMA);
+    let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json"]);
+    assert_eq!(code, Some(0), "start: {stderr} {status}");
+    let writers = Writers::start(&m);
+    eventually(WAIT, "the subscription to stream", || {
+        (m.status()["subscription"] == "streaming").then_some(())
+    });
+    // The target cannot catch up: the cutover holds the fence and waits.
+    let stall = stall_the_target(&m);
+    let mut first = cutover_in_background(&m, "1h");
+    eventually(WAIT, "the cutover to hold the fence", || {
+        (m.status()["cutover"]["fence_lsn"]
+            .as_str()
+            .is_some_and(|lsn| !lsn.is_empty()))
+        .then_some(())
+    });
+
+    let second = m.cli(&["cutover", "--json"]);
+    assert_eq!(second.status.code(), Some(1), "{second:?}");
+    let refused = String::from_utf8_lossy(&second.stderr);
+    assert!(refused.contains("busy: cutover is running"), "{refused}");
+
+    // The operator's CLI dies; the cutover is the controller's, not its.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(m.status()["phase"], "cutover");
+    stall.execute("ROLLBACK").unwrap();
+    let status = m.wait_for_phase("cut_over", WAIT);
+    assert_eq!(status["cutover"]["done"], true, "{status}");
+    assert_cut_over(&m, "the cutover whose CLI was killed");
+
+    let acknowledged = writers.finish();
+    assert!(acknowledged.stopped_by.contains("fenced"), "{acknowledged:?}");
+    assert_acknowledged_on_target(&m, &acknowledged);
+    let (code, verify, stderr) = m.cli_json(&["verify", "--json"]);
+    assert_eq!(code, Some(0), "verify: {stderr} {verify}");
+    let (code, cleaned, stderr) = m.cli_json(&["cleanup", "--json"]);
+    assert_eq!(code, Some(0), "cleanup: {stderr} {cleaned}");
+    assert_nothing_left(&m);
 }
