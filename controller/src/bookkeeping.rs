@@ -29,8 +29,19 @@ pub async fn ensure(client: &Client) -> Result<(), Fault> {
         .map_err(|e| crate::fault::target(format!("cannot create walbridge's schema {SCHEMA} on the target"), &e))
 }
 
-/// Whether the migration's pre-data is committed on the target.
+/// Whether the migration's pre-data is committed on the target. Asks
+/// without creating anything: before pre-data, walbridge has made nothing
+/// on the target.
 pub async fn pre_data_applied(client: &Client, migration: &str) -> Result<bool, Fault> {
+    let fail = |e: tokio_postgres::Error| crate::fault::target("cannot read whether pre-data is applied", &e);
+    let recorded = client
+        .query_one(&format!("SELECT to_regclass('{SCHEMA}.pre_data') IS NOT NULL"), &[])
+        .await
+        .map_err(fail)?
+        .get::<_, bool>(0);
+    if !recorded {
+        return Ok(false);
+    }
     client
         .query_opt(
             &format!("SELECT 1 FROM {SCHEMA}.pre_data WHERE migration = $1"),
@@ -38,7 +49,7 @@ pub async fn pre_data_applied(client: &Client, migration: &str) -> Result<bool, 
         )
         .await
         .map(|row| row.is_some())
-        .map_err(|e| crate::fault::target("cannot read whether pre-data is applied", &e))
+        .map_err(fail)
 }
 
 /// Records the migration's pre-data applied: call inside its transaction.

@@ -28,7 +28,6 @@ pub async fn run(ctx: &Context, agent: &AgentClient, record: &mut MigrationRecor
     );
     let applied = {
         let client = target::connect(target, Purpose::Control).await?;
-        bookkeeping::ensure(&client).await?;
         bookkeeping::pre_data_applied(&client, &record.id).await?
     };
     if applied {

@@ -456,6 +456,18 @@ const WALKED_BEFORE_NO_RETURN: &[&str] = &[
     fp::CUTOVER_DETACH_COMMITTED,
 ];
 
+/// The points walked past the point of no return (and in the cleanup).
+const WALKED_AFTER_NO_RETURN: &[&str] = &[fp::CUTOVER_RECORDED, fp::TEARDOWN_TARGET_REMOVED, fp::TEARDOWN_RECORDED];
+
+#[test]
+fn the_walks_cover_every_crash_point_in_order() {
+    assert_eq!(
+        [WALKED_BEFORE_NO_RETURN, WALKED_AFTER_NO_RETURN].concat(),
+        fp::CONTROLLER,
+        "a crash point of the controller's that no walk crashes at"
+    );
+}
+
 #[test]
 fn a_kill_9_at_every_step_boundary_of_either_daemon_leaves_a_migration_that_completes() {
     let started = Instant::now();
@@ -629,7 +641,7 @@ fn after_the_point_of_no_return_every_crash_finishes_what_it_began() {
         &mut m,
         &["cutover", "--max-lag", "5s", "--timeout", "60s", "--json"],
         fp::CUTOVER_RECORDED,
-        &armed(&[fp::TEARDOWN_TARGET_REMOVED, fp::TEARDOWN_RECORDED]),
+        &armed(&WALKED_AFTER_NO_RETURN[1..]),
     );
     let status = m.status();
     assert_eq!(status["cutover"]["done"], true, "{status}");
