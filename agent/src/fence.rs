@@ -10,7 +10,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tonic::{Status, Streaming};
+use walbridge_daemon::crash_point;
 use walbridge_daemon::pg::Database;
+use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, FaultKind};
 use walbridge_migration::ident::QualifiedName;
 use walbridge_proto::convert::name_from_wire;
@@ -50,6 +52,7 @@ pub async fn run(source: Database, mut commands: Streaming<wire::FenceCommand>, 
         Ok((client, lsn)) => {
             tracing::warn!(migration = %hold.migration, tables = tables.len(), %lsn, "writes on the source are fenced");
             send(&events, Event::Held(wire::FenceHeld { lsn })).await;
+            crash_point!(fp::AGENT_FENCE_HELD);
             client
         }
         Err(status) => {
@@ -63,6 +66,7 @@ pub async fn run(source: Database, mut commands: Streaming<wire::FenceCommand>, 
             command: Some(Command::Seal(_)),
         }))) => match seal(&client, &tables).await {
             Ok(()) => {
+                crash_point!(fp::AGENT_FENCE_SEALED);
                 tracing::warn!(migration = %hold.migration, "the source's write fence is sealed: writes fail until it is released");
                 send(&events, Event::Sealed(wire::FenceSealed {})).await;
             }

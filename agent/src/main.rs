@@ -16,7 +16,7 @@ the controller's calls over that connection, redialing with backoff whenever the
 Every setting can come from a flag, a WALBRIDGE_* environment variable or the TOML file named by --config, \
 in that order of precedence. A bad setting exits with status 2.";
 
-fn main() -> ExitCode {
+pub fn main() -> ExitCode {
     let command = add_to_command(
         clap::Command::new("walbridge-agent")
             .version(VERSION)

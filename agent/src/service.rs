@@ -8,10 +8,11 @@ use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
-use walbridge_daemon::VERSION;
 use walbridge_daemon::pg::{Database, SessionPolicy};
 use walbridge_daemon::telemetry::continue_trace;
+use walbridge_daemon::{VERSION, crash_point};
 use walbridge_migration::copy::PageRange;
+use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, FaultKind};
 use walbridge_migration::ident::QualifiedName;
 use walbridge_proto::convert::{name_from_wire, name_to_wire};
@@ -225,6 +226,7 @@ impl AgentService for Agent {
                 .create(&self.state.source, &request.slot, &request.publication, &tables)
                 .await
                 .map_err(|e| crate::fault::status(Fault::new(e.kind(), e.to_string())))?;
+            crash_point!(fp::AGENT_SLOT_CREATED);
             Ok(Response::new(wire::SnapshotCreated {
                 slot: held.slot,
                 snapshot: held.snapshot,
@@ -294,16 +296,32 @@ impl AgentService for Agent {
             first_page: request.first_page,
             end_page: request.end_page,
         });
+        match range {
+            Some(range) => {
+                tracing::info!(parent: &span, %table, first_page = range.first_page, end_page = range.end_page, "copying a page range")
+            }
+            None => tracing::info!(parent: &span, %table, "copying a table"),
+        }
         let (out, chunks) = copy::channel();
+        // Keeps the stream open past the copy's end, so that a crash
+        // point there comes before the controller hears the stream end.
+        #[cfg(feature = "failpoints")]
+        let open = out.clone();
+        let copy = copy::copy_table(
+            self.state.source.clone(),
+            request.snapshot,
+            table,
+            request.columns,
+            range,
+            out,
+        );
         self.state.tasks.spawn(
-            copy::copy_table(
-                self.state.source.clone(),
-                request.snapshot,
-                table,
-                request.columns,
-                range,
-                out,
-            )
+            async move {
+                copy.await;
+                crash_point!(fp::AGENT_UNIT_STREAMED);
+                #[cfg(feature = "failpoints")]
+                drop(open);
+            }
             .instrument(span),
         );
         Ok(Response::new(ReceiverStream::new(chunks)))

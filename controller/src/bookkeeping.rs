@@ -1,6 +1,6 @@
 //! What walbridge records on the target itself, in the same transaction as
-//! the work it records: each post-data statement applied, each table or
-//! page range copied (with its figures). A crash between that commit and
+//! the work it records: pre-data applied, each post-data statement
+//! applied, each table or page range copied (with its figures). A crash between that commit and
 //! the journal's write can then never make a resumed step repeat the
 //! work: the target knows what it has. The schema is walbridge's own and
 //! is dropped when the migration is cleaned up or aborted.
@@ -17,6 +17,7 @@ pub async fn ensure(client: &Client) -> Result<(), Fault> {
     client
         .batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS {SCHEMA}; \
+             CREATE TABLE IF NOT EXISTS {SCHEMA}.pre_data (migration text PRIMARY KEY); \
              CREATE TABLE IF NOT EXISTS {SCHEMA}.post_data ( \
                migration text NOT NULL, statement int4 NOT NULL, PRIMARY KEY (migration, statement)); \
              CREATE TABLE IF NOT EXISTS {SCHEMA}.copied ( \
@@ -26,6 +27,40 @@ pub async fn ensure(client: &Client) -> Result<(), Fault> {
         ))
         .await
         .map_err(|e| crate::fault::target(format!("cannot create walbridge's schema {SCHEMA} on the target"), &e))
+}
+
+/// Whether the migration's pre-data is committed on the target. Asks
+/// without creating anything: before pre-data, walbridge has made nothing
+/// on the target.
+pub async fn pre_data_applied(client: &Client, migration: &str) -> Result<bool, Fault> {
+    let fail = |e: tokio_postgres::Error| crate::fault::target("cannot read whether pre-data is applied", &e);
+    let recorded = client
+        .query_one(&format!("SELECT to_regclass('{SCHEMA}.pre_data') IS NOT NULL"), &[])
+        .await
+        .map_err(fail)?
+        .get::<_, bool>(0);
+    if !recorded {
+        return Ok(false);
+    }
+    client
+        .query_opt(
+            &format!("SELECT 1 FROM {SCHEMA}.pre_data WHERE migration = $1"),
+            &[&migration],
+        )
+        .await
+        .map(|row| row.is_some())
+        .map_err(fail)
+}
+
+/// Records the migration's pre-data applied: call inside its transaction.
+pub async fn record_pre_data(client: &Client, migration: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            &format!("INSERT INTO {SCHEMA}.pre_data (migration) VALUES ($1)"),
+            &[&migration],
+        )
+        .await
+        .map(drop)
 }
 
 /// The post-data statements (by index) applied so far.

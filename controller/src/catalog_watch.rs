@@ -167,7 +167,7 @@ async fn add_tables(
             .map(|l| l.name.clone()),
     );
     let pre_data = schema::dump_tables(agent, "pre-data", &dumped, record.privileges).await?;
-    schema::apply_in_one_transaction(ctx.target()?, &pre_data).await?;
+    schema::apply_in_one_transaction(ctx.target()?, &pre_data, None).await?;
     agent
         .clone()
         .publish_tables(wire::PublishTablesRequest {
@@ -221,7 +221,7 @@ async fn add_partitions(
     }
     if !missing.is_empty() {
         let pre_data = schema::dump_tables(agent, "pre-data", &missing, record.privileges).await?;
-        schema::apply_in_one_transaction(ctx.target()?, &pre_data).await?;
+        schema::apply_in_one_transaction(ctx.target()?, &pre_data, None).await?;
     }
     for partition in partitions {
         let created = missing.contains(&partition.name);
@@ -292,7 +292,7 @@ async fn finish_synchronised(
         })
         .collect();
     let post_data = schema::dump_tables(agent, "post-data", &done, record.privileges).await?;
-    schema::apply_in_one_transaction(ctx.target()?, &post_data).await?;
+    schema::apply_in_one_transaction(ctx.target()?, &post_data, None).await?;
     for mut leaf in leaves {
         leaf.state = TableState::Streamed;
         ctx.state.save_table(&leaf).await.map_err(crate::fault::journal)?;

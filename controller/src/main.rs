@@ -15,7 +15,7 @@ port over mutual TLS and the controller calls them over those connections; the w
 Every setting can come from a flag, a WALBRIDGE_* environment variable or the TOML file named by --config, \
 in that order of precedence. A bad setting exits with status 2.";
 
-fn main() -> ExitCode {
+pub fn main() -> ExitCode {
     let command = add_to_command(
         clap::Command::new("walbridge-controller")
             .version(VERSION)

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
+use walbridge_daemon::crash_point;
+use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, FaultKind, Policy};
 
 use crate::migration::{Context, CutoverReport, MigrationRecord, Phase, TableRecord};
@@ -193,6 +195,7 @@ impl Runner {
             )));
         }
         self.ctx.state.create(&record, &tables).await?;
+        crash_point!(fp::START_RECORDED);
         self.tasks.spawn(self.clone().drive(claim));
         Ok(())
     }
@@ -266,6 +269,9 @@ impl Runner {
     /// Runs a cutover of the streaming migration as the runner's task and
     /// returns its report once it is over.
     pub async fn cutover(self: &Arc<Self>, options: cutover::Options) -> Result<CutoverReport, RunError> {
+        // Claimed first: a second cutover while one runs (phase `cutover`)
+        // is told it is busy, not that the phase is wrong.
+        let claim = self.claim(Operation::Cutover)?;
         let record = self.current()?;
         if record.phase != Phase::Streaming {
             return Err(RunError::Refused(format!(
@@ -275,7 +281,6 @@ impl Runner {
             )));
         }
         let agent = self.connected_agent(&record)?;
-        let claim = self.claim(Operation::Cutover)?;
         // Tables the application created since the last look: the cutover
         // must not leave any behind.
         let mut record = record;
@@ -302,10 +307,16 @@ impl Runner {
                 crate::drift::describe(&drift)
             )));
         }
-        let ctx = self.ctx.clone();
+        let runner = self.clone();
         let task = self.tasks.spawn(async move {
-            let report = cutover::run(&ctx, &agent, options, &claim.cancel).await;
+            let report = cutover::run(&runner.ctx, &agent, options, &claim.cancel).await;
             drop(claim);
+            // A cutover whose rollback could not finish rests in phase
+            // `cutover`: the drive finishes it, here and not in the API
+            // call, which the CLI may have left.
+            if let Err(e) = runner.resume() {
+                tracing::error!(error = %e, "cannot resume the migration after its cutover");
+            }
             report
         });
         task.await

@@ -9,8 +9,8 @@
 //! creates holds a lock until the commit, so a schema of thousands of
 //! tables needs room for them in the target's lock table
 //! (`max_locks_per_transaction`); running out is reported as such, with
-//! nothing created. Post-data runs statement by statement (each is
-//! journaled done), so it needs no such room.
+//! nothing created. Post-data runs statement by statement (each recorded
+//! on the target with its commit), so it needs no such room.
 
 use futures_util::StreamExt;
 use walbridge_daemon::pg::Database;
@@ -21,6 +21,7 @@ use walbridge_proto::v1 as wire;
 
 use walbridge_migration::fault::Fault;
 
+use crate::bookkeeping;
 use crate::registry::AgentClient;
 use crate::target::{self, Purpose};
 use crate::transfer::decompress;
@@ -95,12 +96,25 @@ async fn dump_request(agent: &AgentClient, request: wire::DumpSchemaRequest) -> 
     Ok(statements)
 }
 
-/// Applies statements in order in one transaction: all of them, or
-/// (the first rejected one stops it) none.
-pub async fn apply_in_one_transaction(target: &Database, statements: &[Statement]) -> Result<(), Fault> {
+/// Applies schema statements in order in one transaction: all of them, or
+/// (the first rejected one stops it) none. With `pre_data_of`, the
+/// transaction also records that migration's pre-data applied
+/// (`bookkeeping`, whose schema it creates), so a crash after its commit
+/// never applies it twice.
+pub async fn apply_in_one_transaction(
+    target: &Database,
+    statements: &[Statement],
+    pre_data_of: Option<&str>,
+) -> Result<(), Fault> {
     let client = connect(target).await?;
     let begun = client.batch_execute("BEGIN").await;
     begun.map_err(|e| crate::fault::target("cannot begin the pre-data transaction", &e))?;
+    // walbridge's own schema comes and goes with pre-data: a pre-data the
+    // target rejects leaves nothing at all.
+    if let Err(fault) = bookkeeping::ensure(&client).await {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(fault);
+    }
     for (done, statement) in statements.iter().enumerate() {
         if let Err(e) = client.batch_execute(&statement.text).await {
             let _ = client.batch_execute("ROLLBACK").await;
@@ -123,6 +137,12 @@ pub async fn apply_in_one_transaction(target: &Database, statements: &[Statement
                 ),
             ));
         }
+    }
+    if let Some(migration) = pre_data_of
+        && let Err(e) = bookkeeping::record_pre_data(&client, migration).await
+    {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(crate::fault::target("cannot record pre-data applied on the target", &e));
     }
     client
         .batch_execute("COMMIT")

@@ -147,7 +147,10 @@ fn resolve(host: &str, port: u16) -> Result<String, String> {
         .ok_or_else(|| format!("tunnel.advertise: {host} resolves to no address"))
 }
 
-/// Creates the subscription unless it exists; returns its oid.
+/// Creates the subscription; returns its oid. One that exists already
+/// (made by a step that crashed before the journal heard of it) is kept,
+/// and given the connection string made now: the role's password was set
+/// anew for this call, and the old one no longer logs in.
 pub async fn create(
     client: &Client,
     names: Names<'_>,
@@ -155,12 +158,22 @@ pub async fn create(
     route: &Route,
     tls: &SubscriptionTls,
 ) -> Result<u32, Fault> {
-    if let Some(oid) = oid(client, names.subscription).await? {
-        return Ok(oid);
-    }
     let target_version = server_version(client).await?;
     let source_version = source.server_version_num as i32;
     let connection = conninfo(source, route, tls, target_version).map_err(crate::fault::internal)?;
+    if let Some(oid) = oid(client, names.subscription).await? {
+        // The statement carries the password: only the server's message
+        // is ever reported.
+        client
+            .batch_execute(&format!(
+                "ALTER SUBSCRIPTION {} CONNECTION {}",
+                quote_ident(names.subscription),
+                quote_literal(&connection)
+            ))
+            .await
+            .map_err(|e| crate::fault::target("ALTER SUBSCRIPTION ... CONNECTION failed on the target", &e))?;
+        return Ok(oid);
+    }
     let mut options = vec![
         "copy_data = false".to_owned(),
         "create_slot = false".to_owned(),

@@ -317,7 +317,7 @@ async fn the_rehearsal_finds_what_the_role_may_not_run_and_pre_data_applies_all_
     // Pre-data for real: CREATE SCHEMA shop succeeds, then a statement in
     // public is rejected, and all of it is rolled back.
     let pre_data = skip::filter(sections(&source).pre_data, &[]).statements;
-    let failure = schema::apply_in_one_transaction(&database, &pre_data)
+    let failure = schema::apply_in_one_transaction(&database, &pre_data, Some("m1"))
         .await
         .expect_err("pre-data must fail without CREATE on public")
         .to_string();
@@ -328,6 +328,10 @@ async fn the_rehearsal_finds_what_the_role_may_not_run_and_pre_data_applies_all_
     );
     assert!(failure.contains("nothing of it remains on the target"), "{failure}");
     assert!(!schema_exists(&target, "shop"), "a failed pre-data leaves nothing");
+    assert!(
+        !schema_exists(&target, "walbridge_state"),
+        "not even walbridge's record of it"
+    );
     assert_eq!(
         target.psql(DATABASE, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"),
         "0"
@@ -365,12 +369,13 @@ async fn the_rehearsal_finds_what_the_role_may_not_run_and_pre_data_applies_all_
         "{:?}",
         pre_data.left_out
     );
-    schema::apply_in_one_transaction(&database, &pre_data.statements)
+    schema::apply_in_one_transaction(&database, &pre_data.statements, Some("m1"))
         .await
         .unwrap();
     let post_data = skip::filter(post_data, &skips);
     assert_eq!(post_data.left_out, ["EVENT TRIGGER audit_ddl"]);
-    schema::apply_in_one_transaction(&database, &post_data.statements)
+    // (All of post-data at once, here: the test needs it in, not resumable.)
+    schema::apply_in_one_transaction(&database, &post_data.statements, None)
         .await
         .unwrap();
     assert!(schema_exists(&target, "shop"));
@@ -428,7 +433,7 @@ async fn a_pre_data_larger_than_the_targets_lock_table_is_found_by_the_rehearsal
         locks.fix
     );
 
-    let failure = schema::apply_in_one_transaction(&database, &pre_data)
+    let failure = schema::apply_in_one_transaction(&database, &pre_data, Some("m1"))
         .await
         .expect_err("the lock table cannot hold it")
         .to_string();

@@ -7,8 +7,10 @@
 //! * [`connection`]: a connection that tells when it ends; link keepalive.
 //! * [`journal`]: the durable, typed step journal over sled.
 //! * [`telemetry`]: logs, OTLP traces, trace context over gRPC.
+//! * [`failpoint`]: crash points for the tests (feature `failpoints`).
 
 pub mod connection;
+pub mod failpoint;
 pub mod journal;
 pub mod metrics;
 pub mod net;

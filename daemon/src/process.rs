@@ -35,6 +35,15 @@ where
     };
     runtime.block_on(async move {
         let telemetry = telemetry::init(program, log_format);
+        #[cfg(feature = "failpoints")]
+        match crate::failpoint::arm() {
+            Ok(armed) if !armed.is_empty() => tracing::warn!(?armed, "crash points armed"),
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("{program}: {e}");
+                return ExitCode::from(EXIT_BAD_SETTING);
+            }
+        }
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
         let status = daemon(shutdown).await;

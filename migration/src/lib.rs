@@ -6,6 +6,7 @@
 //! * [`definition`]: a table's definition on either side, and the drift
 //!   between them.
 //! * [`fault`]: what went wrong, classified, and the one policy for it.
+//! * [`failpoint`]: the names of the daemons' crash points.
 //! * [`finding`]: what preflight reports.
 //! * [`role_settings`]: `ALTER ROLE/DATABASE ... SET` in force for roles
 //!   whose sessions walbridge does not open (the subscription's).
@@ -18,6 +19,7 @@
 
 pub mod copy;
 pub mod definition;
+pub mod failpoint;
 pub mod fault;
 pub mod finding;
 pub mod ident;

@@ -1,6 +1,9 @@
 //! walbridge's own programs as separate OS processes, for end-to-end tests:
 //! built once per test run, each with a log file, killed when dropped, and
-//! their logs printed when a test fails.
+//! their logs printed when a test fails. The daemons with crash points
+//! (`<program>-failpoints`, cargo feature `failpoints`) are built only
+//! when a test asks for one, once per run, beside the shipped ones and
+//! from the same dependencies.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -19,38 +22,64 @@ pub const CLI: &str = "walbridge";
 /// runs a stale binary.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let profile_dir = BUILT.get_or_init(|| {
-        // <target>/<profile>/deps/<test binary>
-        let exe = std::env::current_exe().expect("the test binary knows its path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binaries live in <target>/<profile>/deps")
-            .to_path_buf();
-        let target_dir = profile_dir.parent().expect("a profile dir has a parent");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args(["build", "--quiet", "--bins"])
-            .args([
-                "-p",
-                "walbridge-agent",
-                "-p",
-                "walbridge-controller",
-                "-p",
-                "walbridge-cli",
+    BUILT.get_or_init(|| build(&["--bins"])).join(name)
+}
+
+/// The path of daemon `name` (`AGENT`, `CONTROLLER`) built with its crash
+/// points (`walbridge_daemon::failpoint`). Its own binary, so the shipped
+/// ones never contain them; built the first time a test asks, with the
+/// same packages selected as [`binary`], so that only walbridge's crates
+/// are compiled again, not their dependencies.
+pub fn failpoint_binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let with_failpoints = |program: &str| format!("{program}-failpoints");
+    BUILT
+        .get_or_init(|| {
+            build(&[
+                "--features",
+                "walbridge-agent/failpoints,walbridge-controller/failpoints",
+                "--bin",
+                &with_failpoints(AGENT),
+                "--bin",
+                &with_failpoints(CONTROLLER),
             ])
-            .arg("--target-dir")
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("cargo runs");
-        assert!(status.success(), "building walbridge's binaries failed");
-        profile_dir
-    });
-    profile_dir.join(name)
+        })
+        .join(with_failpoints(name))
+}
+
+/// Runs `cargo build` of walbridge's programs with `what`, in the profile
+/// and target folder the tests were built in; returns the profile's folder.
+fn build(what: &[&str]) -> PathBuf {
+    // <target>/<profile>/deps/<test binary>
+    let exe = std::env::current_exe().expect("the test binary knows its path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in <target>/<profile>/deps")
+        .to_path_buf();
+    let target_dir = profile_dir.parent().expect("a profile dir has a parent");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .args(["build", "--quiet"])
+        .args([
+            "-p",
+            "walbridge-agent",
+            "-p",
+            "walbridge-controller",
+            "-p",
+            "walbridge-cli",
+        ])
+        .args(what)
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("cargo runs");
+    assert!(status.success(), "building walbridge's binaries ({what:?}) failed");
+    profile_dir
 }
 
 /// A port nobody listens on right now.
@@ -105,6 +134,37 @@ impl Daemon {
         };
         daemon.restart();
         daemon
+    }
+
+    /// Starts daemon `program` built with its crash points, arming those
+    /// `failpoints` names (`FAILPOINTS` syntax: `name=return;...`; empty:
+    /// none).
+    pub fn start_with_failpoints(
+        name: &str,
+        program: &str,
+        args: &[String],
+        failpoints: &str,
+        log_dir: &Path,
+    ) -> Daemon {
+        let mut daemon = Daemon {
+            name: name.to_owned(),
+            program: failpoint_binary(program),
+            args: args.to_vec(),
+            envs: Vec::new(),
+            log_path: log_dir.join(format!("{name}.log")),
+            child: None,
+        };
+        daemon.arm(failpoints);
+        daemon.restart();
+        daemon
+    }
+
+    /// Arms `failpoints` (empty: none) for the next start.
+    pub fn arm(&mut self, failpoints: &str) {
+        self.envs.retain(|(key, _)| key != "FAILPOINTS");
+        if !failpoints.is_empty() {
+            self.envs.push(("FAILPOINTS".to_owned(), failpoints.to_owned()));
+        }
     }
 
     /// Starts `program` inside a network namespace (`ip netns exec`, which
@@ -163,6 +223,16 @@ impl Daemon {
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         child.wait().ok().and_then(|s| s.code())
+    }
+
+    /// Waits (with a deadline) for the process to end by itself, e.g. at a
+    /// crash point; returns how it ended.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let status = eventually(timeout, &format!("{} to exit", self.name), || {
+            self.child.as_mut()?.try_wait().ok().flatten()
+        });
+        self.child = None;
+        status
     }
 
     /// Whether the process is still running (it has not crashed or exited).

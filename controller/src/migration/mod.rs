@@ -5,12 +5,16 @@
 //! | phase            | safe to repeat because                                           |
 //! |------------------|------------------------------------------------------------------|
 //! | `Snapshot`       | a leftover slot of this migration is dropped first               |
-//! | `SchemaPreData`  | one target transaction: it applied entirely, or not at all       |
+//! | `SchemaPreData`  | one target transaction, which records itself on the target:     |
+//! |                  | it applied entirely (and is not applied again), or not at all    |
 //! | `Copy`           | each table (each range) is copied in one target transaction      |
+//! |                  | that records it there: a resume copies only what is not          |
 //! | `ReleaseSnapshot`| releasing a snapshot that is gone is a no-op                     |
 //! | `SchemaPostData` | each statement is recorded done with it, on the target           |
-//! | `Subscribe`      | an existing subscription of this name is kept                    |
-//! | `Cutover`        | resolved at startup: rolled back before the point of no return,  |
+//! | `Subscribe`      | an existing subscription of this name is kept (with the role's  |
+//! |                  | new password)                                                    |
+//! | `Cutover`        | resolved at startup (or when a failed cutover's rollback could   |
+//! |                  | not finish): rolled back before the point of no return,          |
 //! |                  | finished after it                                                |
 //!
 //! `Streaming`, `Copied` (with `--copy-only`), `CutOver`, `Failed`,

@@ -12,7 +12,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use futures_util::StreamExt;
+use walbridge_daemon::crash_point;
 use walbridge_migration::copy::PageRange;
+use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, FaultKind};
 use walbridge_migration::ident::QualifiedName;
 
@@ -137,8 +139,11 @@ pub async fn run(ctx: &Context, record: &mut MigrationRecord) -> Result<(), Step
         }
         record.large_objects_copied = true;
     }
+    crash_point!(fp::COPY_DONE);
     record.phase = Phase::ReleaseSnapshot;
-    save(ctx, record).await
+    save(ctx, record).await?;
+    crash_point!(fp::COPY_RECORDED);
+    Ok(())
 }
 
 /// Copies one unit (retried alone on transient faults); the last unit of a
@@ -170,6 +175,7 @@ async fn copy_unit(
         }
     })
     .await?;
+    crash_point!(fp::COPY_UNIT_COMMITTED);
     let finished = {
         let mut runs = lock(runs);
         let run = runs.get_mut(&name).expect("every unit belongs to a run");

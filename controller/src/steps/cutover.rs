@@ -19,6 +19,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use walbridge_daemon::crash_point;
+use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::Fault;
 use walbridge_migration::lsn::Lsn;
 use walbridge_proto::convert::name_to_wire;
@@ -129,7 +131,12 @@ pub async fn run(
 
     record.phase = Phase::Cutover;
     record.detach = Detach::default();
+    // The last cutover's report is this one's from now on: one that is
+    // journaled while the phase is still `cutover` failed before its
+    // rollback could finish.
+    record.cutover = None;
     save(ctx, &record).await?;
+    crash_point!(fp::CUTOVER_STARTED);
     let outcome = fence_and_switch(ctx, &target, agent, &mut record, &mut steps, Until { deadline, stop }).await;
     match outcome {
         Ok(()) => {
@@ -139,6 +146,17 @@ pub async fn run(
                 downtime = steps.report.write_downtime_seconds,
                 "cutover done: the target stands alone; the source stays fenced until release-source or cleanup"
             );
+        }
+        Err(error) if record.fence_sealed || record.detach.disabled => {
+            // The rollback could not be finished (the agent is away, say):
+            // the phase stays `cutover`, and the runner's drive finishes it
+            // as a restarted controller would (`resolve_interrupted`).
+            tracing::error!(%error, "cutover failed; its rollback waits to be finished");
+            record.events.push(format!(
+                "cutover failed: {error}; the fence may still be sealed or the subscription disabled: the \
+                 controller lifts and re-enables them as soon as it can, then streaming goes on"
+            ));
+            steps.report.error = error;
         }
         Err(error) => {
             tracing::error!(%error, "cutover failed; the fence is lifted and streaming goes on");
@@ -152,6 +170,7 @@ pub async fn run(
     record.cutover = Some(steps.report.clone());
     ctx.state.set_live_cutover(None);
     save(ctx, &record).await?;
+    crash_point!(fp::CUTOVER_RECORDED);
     Ok(steps.report)
 }
 
@@ -265,6 +284,7 @@ async fn fence_and_switch(
     let fenced_at = Instant::now();
     steps.report.fence_lsn = fence_lsn.clone();
     steps.done("fence", format!("writes wait from {fence_lsn}"));
+    crash_point!(fp::CUTOVER_FENCED);
 
     let before_seal = async {
         catch_up(agent, &record.slot, &fence_lsn, until).await?;
@@ -284,26 +304,36 @@ async fn fence_and_switch(
                 );
             }
         }
-        let _ = commands
-            .send(wire::FenceCommand {
-                command: Some(Command::Seal(wire::FenceSeal {})),
-            })
-            .await;
-        match events.message().await {
-            Ok(Some(wire::FenceEvent {
-                event: Some(Event::Sealed(_)),
-            })) => Ok(()),
-            Ok(_) => Err("the agent lifted the fence before it could be sealed".to_owned()),
-            Err(status) => Err(status.message().to_owned()),
-        }
+        // Once `seal` is sent the agent may commit the seal and die before
+        // it says so: from here on the fence counts as sealed (journaled
+        // first), and a failure lifts it through the agent, not the stream.
+        record.fence_sealed = true;
+        ctx.state.save(record).await.map_err(|e| e.to_string())
     };
     if let Err(error) = before_seal.await {
         lift(&commands, &mut events).await;
+        record.fence_sealed = false;
         return Err(error);
     }
-    record.fence_sealed = true;
-    ctx.state.save(record).await.map_err(|e| e.to_string())?;
+    let _ = commands
+        .send(wire::FenceCommand {
+            command: Some(Command::Seal(wire::FenceSeal {})),
+        })
+        .await;
+    let sealed = match events.message().await {
+        Ok(Some(wire::FenceEvent {
+            event: Some(Event::Sealed(_)),
+        })) => Ok(()),
+        Ok(_) => Err("the agent lifted the fence before it could be sealed".to_owned()),
+        Err(status) => Err(status.message().to_owned()),
+    };
+    if let Err(error) = sealed {
+        lift(&commands, &mut events).await;
+        roll_back(ctx, target, agent, record).await;
+        return Err(error);
+    }
     steps.done("seal", "writes on the source now fail, and will after any restart");
+    crash_point!(fp::CUTOVER_SEALED);
 
     if let Err(error) = detach(ctx, target, record).await {
         // Not past the point of no return: the source must not stay
@@ -325,10 +355,13 @@ async fn fence_and_switch(
 async fn detach(ctx: &Context, target: &Client, record: &mut MigrationRecord) -> Result<(), Fault> {
     if !record.detach.disabled {
         subscription::disable(target, &record.subscription).await?;
+        crash_point!(fp::CUTOVER_DISABLE_COMMITTED);
         record.detach.disabled = true;
         ctx.state.save(record).await.map_err(crate::fault::journal)?;
+        crash_point!(fp::CUTOVER_DISABLE_RECORDED);
     }
     subscription::release_slot(target, &record.subscription).await?;
+    crash_point!(fp::CUTOVER_DETACH_COMMITTED);
     record.detach.slot_released = true;
     ctx.state.save(record).await.map_err(crate::fault::journal)
 }
@@ -426,13 +459,28 @@ pub async fn resolve_interrupted(
     record: &mut MigrationRecord,
 ) -> Result<(), StepError> {
     let target = target::connect(ctx.target()?, Purpose::Control).await?;
+    // No report: the controller died during the cutover; one: the cutover
+    // failed and its rollback waited for the agent.
+    let why = match record.cutover.as_ref() {
+        Some(report) => format!("its failure ({})", report.error),
+        None => "a controller restart".to_owned(),
+    };
     match subscription::state(&target, &record.subscription).await? {
         State::Detached => {
             record.detach.slot_released = true;
             record.phase = Phase::CutOver;
-            record.events.push(
-                "a cutover interrupted by a restart had already detached the subscription: it is done".to_owned(),
-            );
+            record.cutover = Some(CutoverReport {
+                done: true,
+                steps: vec![(
+                    "detach".to_owned(),
+                    0.0,
+                    format!("found detached after {why}; the write downtime was not measured"),
+                )],
+                ..CutoverReport::default()
+            });
+            record.events.push(format!(
+                "a cutover interrupted by {why} had already detached the subscription: it is done"
+            ));
         }
         state => {
             if state == State::Disabled {
@@ -442,9 +490,13 @@ pub async fn resolve_interrupted(
             record.fence_sealed = false;
             record.detach = Detach::default();
             record.phase = Phase::Streaming;
-            record.events.push(
-                "a cutover was interrupted by a controller restart: the fence is lifted, streaming goes on".to_owned(),
-            );
+            record.cutover = Some(CutoverReport {
+                error: format!("interrupted by {why}; rolled back: the fence is lifted, streaming goes on"),
+                ..CutoverReport::default()
+            });
+            record.events.push(format!(
+                "a cutover was interrupted by {why}: the fence is lifted, streaming goes on"
+            ));
         }
     }
     save(ctx, record).await

@@ -6,7 +6,9 @@
 //! target (`bookkeeping`), so after any crash each is applied exactly once.
 //! Materialized views arrive empty and are refreshed.
 
+use walbridge_daemon::crash_point;
 use walbridge_daemon::pg::describe;
+use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::Fault;
 
 use super::{StepError, retrying_on_target, save};
@@ -23,13 +25,16 @@ pub async fn run(ctx: &Context, record: &mut MigrationRecord) -> Result<(), Step
         Ok(schema::refresh_materialized_views(target_db, &record.materialized_views).await?)
     })
     .await?;
+    crash_point!(fp::POST_DATA_DONE);
     record.phase = if record.copy_only {
         tracing::info!(migration = %record.id, "the copy is done: the migration ends here (--copy-only)");
         Phase::Copied
     } else {
         Phase::Subscribe
     };
-    save(ctx, record).await
+    save(ctx, record).await?;
+    crash_point!(fp::POST_DATA_RECORDED);
+    Ok(())
 }
 
 /// Applies the statements not yet applied; returns how many are applied.
@@ -71,6 +76,7 @@ async fn apply(ctx: &Context, record: &MigrationRecord, statements: &[String]) -
             )
             .into());
         }
+        crash_point!(fp::POST_DATA_STATEMENT_COMMITTED);
         applied += 1;
     }
     Ok(applied)

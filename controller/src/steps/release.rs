@@ -6,6 +6,8 @@
 
 use walbridge_proto::v1 as wire;
 
+use walbridge_daemon::crash_point;
+use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, FaultKind};
 
 use super::{StepError, save, teardown};
@@ -33,8 +35,11 @@ pub async fn run(ctx: &Context, agent: &AgentClient, record: &mut MigrationRecor
             .push(format!("copy only: removed {}", released.removed.join(", ")));
     }
     tracing::info!(migration = %record.id, "initial copy complete");
+    crash_point!(fp::RELEASE_DONE);
     record.phase = Phase::SchemaPostData;
-    save(ctx, record).await
+    save(ctx, record).await?;
+    crash_point!(fp::RELEASE_RECORDED);
+    Ok(())
 }
 
 /// Lets the snapshot go; one that is gone already is fine.

@@ -4,6 +4,8 @@
 //! attempt's, if a crash came between its creation and the journal): they
 //! are dropped first, so repeating the step is safe.
 
+use walbridge_daemon::crash_point;
+use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, FaultKind};
 use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
@@ -47,7 +49,10 @@ pub async fn run(ctx: &Context, agent: &AgentClient, record: &mut MigrationRecor
     } else {
         Phase::SchemaPreData
     };
-    save(ctx, record).await
+    crash_point!(fp::SNAPSHOT_TAKEN);
+    save(ctx, record).await?;
+    crash_point!(fp::SNAPSHOT_RECORDED);
+    Ok(())
 }
 
 /// The snapshot the copy reads, if the agent still holds it; a lost

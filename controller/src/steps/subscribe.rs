@@ -6,6 +6,8 @@
 //! drops it; the password passes through for this one statement and is
 //! kept nowhere by walbridge.
 
+use walbridge_daemon::crash_point;
+use walbridge_migration::failpoint as fp;
 use walbridge_proto::v1 as wire;
 
 use super::{StepError, save};
@@ -35,7 +37,10 @@ pub async fn run(ctx: &Context, agent: &AgentClient, record: &mut MigrationRecor
     };
     let oid = subscription::create(&client, names, &source, &route, &ctx.settings.subscription_tls).await?;
     tracing::info!(subscription = %record.subscription, role = %source.user, direct = record.direct, "subscription created");
+    crash_point!(fp::SUBSCRIBE_CREATED);
     record.subscription_oid = oid;
     record.phase = Phase::Streaming;
-    save(ctx, record).await
+    save(ctx, record).await?;
+    crash_point!(fp::SUBSCRIBE_RECORDED);
+    Ok(())
 }

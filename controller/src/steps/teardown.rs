@@ -5,6 +5,8 @@
 //! agent or the source gone, `abort --force` removes what is on the target
 //! and says exactly what remains on the source, with the SQL to run there.
 
+use walbridge_daemon::crash_point;
+use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, FaultKind};
 use walbridge_migration::ident::{quote_ident, quote_literal};
 use walbridge_proto::v1 as wire;
@@ -196,6 +198,7 @@ pub async fn remove_everything(
                 .push(format!("walbridge's schema {} on the target", bookkeeping::SCHEMA));
         }
     }
+    crash_point!(fp::TEARDOWN_TARGET_REMOVED);
     match agent {
         Some(agent) => {
             let released = release_replication(&agent, record).await;
@@ -235,6 +238,7 @@ pub async fn remove_everything(
         ));
     }
     super::save(ctx, record).await?;
+    crash_point!(fp::TEARDOWN_RECORDED);
     tracing::info!(migration = %record.id, phase = phase.name(), removed = ?outcome.removed, remaining = ?outcome.remaining, "replication objects removed");
     Ok(outcome)
 }

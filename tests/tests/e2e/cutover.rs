@@ -10,7 +10,7 @@ use std::time::Duration;
 use harness::Cluster;
 use harness::daemons::eventually;
 
-use crate::support::{DATABASE, Migration, Session};
+use crate::support::{DATABASE, Migration, Session, stall_the_target};
 
 const STREAM_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -271,15 +271,6 @@ fn a_cutover_that_cannot_take_its_locks_fails_in_time_and_lifts_the_fence() {
 
 /// Holds a lock on the target that the subscription's apply worker needs,
 /// and makes it need it: the target cannot catch up while this lives.
-fn stall_the_target(m: &Migration) -> Session {
-    let stall = Session::open(&m.target.url(DATABASE));
-    // SHARE blocks the apply worker's ROW EXCLUSIVE but not the catalog
-    // reads (ACCESS SHARE) the cutover makes before it fences.
-    stall.execute("BEGIN; LOCK TABLE orders IN SHARE MODE").unwrap();
-    m.source.psql(DATABASE, "INSERT INTO orders (amount) VALUES (7)");
-    stall
-}
-
 #[test]
 fn a_cutover_whose_catch_up_times_out_lifts_the_fence() {
     let source = Cluster::builder("source").logical().start();

@@ -3,6 +3,7 @@
 //! them (one link step, one build of the binaries).
 
 mod application;
+mod crash;
 mod cutover;
 mod demo;
 mod deploy;

@@ -509,3 +509,15 @@ impl Relay {
         self.state.lock().unwrap().cut = false;
     }
 }
+
+/// Stops the target's apply worker: a transaction holds a lock on
+/// `orders` that its inserts wait for, and the source writes one row there.
+/// ROLLBACK on the returned session lets it go.
+pub fn stall_the_target(m: &Migration) -> Session {
+    let stall = Session::open(&m.target.url(DATABASE));
+    // SHARE blocks the apply worker's ROW EXCLUSIVE but not the catalog
+    // reads (ACCESS SHARE) the cutover makes before it fences.
+    stall.execute("BEGIN; LOCK TABLE orders IN SHARE MODE").unwrap();
+    m.source.psql(DATABASE, "INSERT INTO orders (amount) VALUES (7)");
+    stall
+}
