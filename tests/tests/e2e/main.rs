@@ -3,6 +3,7 @@
 //! them (one link step, one build of the binaries).
 
 mod cutover;
+mod cutover_safety;
 mod demo;
 mod deploy;
 mod link;
