@@ -51,7 +51,9 @@ pub fn status(fault: Fault) -> Status {
     let code = match fault.kind {
         FaultKind::SourceUnavailable | FaultKind::TargetUnavailable | FaultKind::AgentAway => tonic::Code::Unavailable,
         FaultKind::Timeout | FaultKind::Contention => tonic::Code::Aborted,
-        FaultKind::SnapshotLost | FaultKind::SlotLost | FaultKind::SourceChanged => tonic::Code::FailedPrecondition,
+        FaultKind::SnapshotLost | FaultKind::SlotLost | FaultKind::SourceChanged | FaultKind::Blocked => {
+            tonic::Code::FailedPrecondition
+        }
         FaultKind::Privilege => tonic::Code::PermissionDenied,
         FaultKind::Exhausted => tonic::Code::ResourceExhausted,
         FaultKind::Rejected | FaultKind::Mismatch | FaultKind::Internal => tonic::Code::Internal,

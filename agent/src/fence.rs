@@ -4,17 +4,29 @@
 //! committed in that same transaction, so the fence outlives the agent
 //! (and no write slips in between lock and trigger). Lifted: the
 //! transaction rolls back and nothing was ever changed.
+//!
+//! Taking the locks never holds the source up for long: each attempt
+//! waits at most a short `lock_timeout` for any one table, and when a
+//! table's lock cannot be had (or a deadlock with an application
+//! transaction is found) every lock is let go, the writers waiting behind
+//! them go on, and the attempt is made again until the hold's deadline.
+//! The fence's session carries `idle_in_transaction_session_timeout` a
+//! little beyond the time the agent may hold it, so a source cut off from
+//! its agent ends the fence by itself.
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 use tonic::{Status, Streaming};
 use walbridge_daemon::crash_point;
 use walbridge_daemon::pg::Database;
 use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, FaultKind};
-use walbridge_migration::ident::QualifiedName;
+use walbridge_migration::ident::{QualifiedName, quote_literal};
 use walbridge_proto::convert::name_from_wire;
 use walbridge_proto::v1 as wire;
 use wire::fence_command::Command;
@@ -28,10 +40,47 @@ pub const SCHEMA: &str = "walbridge_fence";
 /// The name of the fence's trigger on each table.
 pub const TRIGGER: &str = "walbridge_fence";
 
+/// How long one attempt waits for any one table's lock when the
+/// controller does not say: writers on the tables already locked wait at
+/// most about this long per attempt.
+const TABLE_LOCK_TIMEOUT: Duration = Duration::from_millis(200);
+/// The server ends the fence's idle session this long after the agent
+/// should have lifted it itself.
+const SERVER_BOUND_MARGIN: Duration = Duration::from_secs(2);
+
 type Events = mpsc::Sender<Result<wire::FenceEvent, Status>>;
 
 async fn send(events: &Events, event: Event) {
     let _ = events.send(Ok(wire::FenceEvent { event: Some(event) })).await;
+}
+
+/// How long a hold may take and last, from the moment it arrived.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// How long taking the locks may take, in all...
+    lock_timeout: Duration,
+    /// ...so give up at this point.
+    locks_by: Instant,
+    /// Each attempt's wait for one table's lock.
+    table_lock_timeout: Duration,
+    /// Lift the fence if nobody sealed or lifted it by then.
+    hold_until: Instant,
+}
+
+impl Limits {
+    fn of(hold: &wire::FenceHold, arrived: Instant) -> Limits {
+        let table_lock_timeout = match hold.table_lock_timeout_ms {
+            0 => TABLE_LOCK_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        };
+        let lock_timeout = Duration::from_millis(hold.lock_timeout_ms.max(1));
+        Limits {
+            lock_timeout,
+            locks_by: arrived + lock_timeout,
+            table_lock_timeout,
+            hold_until: arrived + Duration::from_millis(hold.max_hold_ms.max(1)),
+        }
+    }
 }
 
 /// Runs one fence conversation to its end.
@@ -47,11 +96,12 @@ pub async fn run(source: Database, mut commands: Streaming<wire::FenceCommand>, 
             return;
         }
     };
-    let tables: Vec<QualifiedName> = hold.tables.into_iter().map(name_from_wire).collect();
-    let client = match take(&source, &tables, hold.lock_timeout_ms).await {
-        Ok((client, lsn)) => {
-            tracing::warn!(migration = %hold.migration, tables = tables.len(), %lsn, "writes on the source are fenced");
-            send(&events, Event::Held(wire::FenceHeld { lsn })).await;
+    let limits = Limits::of(&hold, Instant::now());
+    let tables = lock_order(hold.tables.into_iter().map(name_from_wire).collect());
+    let client = match take(&source, &tables, limits).await {
+        Ok(Taken { client, lsn, attempts }) => {
+            tracing::warn!(migration = %hold.migration, tables = tables.len(), %lsn, attempts, "writes on the source are fenced");
+            send(&events, Event::Held(wire::FenceHeld { lsn, attempts })).await;
             crash_point!(fp::AGENT_FENCE_HELD);
             client
         }
@@ -60,7 +110,7 @@ pub async fn run(source: Database, mut commands: Streaming<wire::FenceCommand>, 
             return;
         }
     };
-    let next = tokio::time::timeout(Duration::from_millis(hold.max_hold_ms.max(1)), commands.message()).await;
+    let next = tokio::time::timeout_at(limits.hold_until, commands.message()).await;
     match next {
         Ok(Ok(Some(wire::FenceCommand {
             command: Some(Command::Seal(_)),
@@ -91,33 +141,108 @@ pub async fn run(source: Database, mut commands: Streaming<wire::FenceCommand>, 
     }
 }
 
+/// The tables in one fixed order, each once: two fences (or a fence and
+/// an application that locks in name order) do not take them crosswise.
+fn lock_order(mut tables: Vec<QualifiedName>) -> Vec<QualifiedName> {
+    tables.sort_by_key(|t| t.to_string());
+    tables.dedup();
+    tables
+}
+
+/// Whether a failed attempt at the locks is worth another: a lock that
+/// was not free in time, or a deadlock with an application transaction
+/// (this attempt lost; the next one finds the locks free).
+fn worth_another_attempt(code: Option<&SqlState>) -> bool {
+    // query_canceled: the statement's own bound (the hold's deadline)
+    // passed mid-attempt; the caller then gives up, naming the holders.
+    matches!(
+        code,
+        Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE
+            || *c == SqlState::T_R_DEADLOCK_DETECTED
+            || *c == SqlState::QUERY_CANCELED
+    )
+}
+
+/// Pauses between attempts: the writers that queued behind the locks
+/// just let go get their turn.
+fn pauses() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(1))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+struct Taken {
+    client: Client,
+    lsn: String,
+    attempts: u32,
+}
+
 /// Takes the locks and returns the WAL position behind which every
 /// committed write on these tables lies.
-async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64) -> Result<(Client, String), Status> {
+async fn take(source: &Database, tables: &[QualifiedName], limits: Limits) -> Result<Taken, Status> {
     let client = source
         .connect(APPLICATION_NAME)
         .await
         .map_err(|e| crate::fault::connect_status(&e))?;
     let list: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
-    let lock = format!(
-        "BEGIN; SET LOCAL lock_timeout = {}; LOCK TABLE {} IN EXCLUSIVE MODE",
-        lock_timeout_ms.max(1),
-        list.join(", ")
-    );
-    if let Err(e) = client.batch_execute(&lock).await {
-        let waiting = e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
-        return Err(if waiting {
-            crate::fault::status(Fault::new(
-                FaultKind::Timeout,
+    let mut pauses = pauses();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let now = Instant::now();
+        let remaining = limits.locks_by.saturating_duration_since(now);
+        let table_wait = limits.table_lock_timeout.min(remaining).max(Duration::from_millis(1));
+        // Set whatever the role's defaults: a statement bounded by the
+        // hold's deadline, and a server-side end to a session whose agent
+        // can no longer lift the fence.
+        let idle_bound = limits.hold_until.saturating_duration_since(now) + SERVER_BOUND_MARGIN;
+        let lock = format!(
+            "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {};              SET LOCAL idle_in_transaction_session_timeout = {}; LOCK TABLE {} IN EXCLUSIVE MODE",
+            table_wait.as_millis(),
+            remaining.max(table_wait).as_millis(),
+            idle_bound.as_millis(),
+            list.join(", ")
+        );
+        let error = match client.batch_execute(&lock).await {
+            Ok(()) => break,
+            Err(e) => e,
+        };
+        // Let go of every lock this attempt took: writers to those tables
+        // go on while the fence waits for its next try.
+        let _ = client.batch_execute("ROLLBACK").await;
+        if !worth_another_attempt(error.code()) {
+            return Err(crate::fault::source_status("could not fence writes", &error));
+        }
+        let pause = pauses.next().unwrap_or(Duration::from_secs(1));
+        if Instant::now() + pause >= limits.locks_by {
+            let holders = lock_holders(&client, tables)
+                .await
+                .unwrap_or_else(|e| vec![format!("who holds them cannot be read: {}", describe(&e))]);
+            let kind = if error.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) {
+                FaultKind::Contention
+            } else {
+                FaultKind::Timeout
+            };
+            return Err(crate::fault::status(Fault::new(
+                kind,
                 format!(
-                    "could not fence writes within {lock_timeout_ms} ms: a transaction holds a lock that conflicts \
-                     ({}); the source carries on unchanged",
-                    describe(&e)
+                    "could not fence writes within {} ms: {attempts} attempts, each waiting at most {} ms for a                      table's lock and letting go of all of them in between (last: {}); {}; the source carries on                      unchanged",
+                    limits.lock_timeout.as_millis(),
+                    limits.table_lock_timeout.as_millis(),
+                    describe(&error),
+                    if holders.is_empty() {
+                        "no conflicting lock is held now".to_owned()
+                    } else {
+                        holders.join("; ")
+                    }
                 ),
-            ))
-        } else {
-            crate::fault::source_status("could not fence writes", &e)
-        });
+            )));
+        }
+        tracing::info!(attempt = attempts, ?pause, error = %describe(&error), "the fence could not take every lock; it let go of them and tries again");
+        tokio::time::sleep(pause).await;
     }
     // Every transaction that wrote to these tables has ended now (the
     // locks waited for them). A committed WAL record of our own marks the
@@ -140,7 +265,71 @@ async fn take(source: &Database, tables: &[QualifiedName], lock_timeout_ms: u64)
     let lsn = mark
         .await
         .map_err(|e| crate::fault::source_status("cannot mark the fence in the WAL", &e))?;
-    Ok((client, lsn))
+    Ok(Taken { client, lsn, attempts })
+}
+
+/// Who holds a lock on the fenced tables (or their partitions) that an
+/// `EXCLUSIVE` lock must wait for — every mode but `ACCESS SHARE` — each
+/// with the statement that ends it. Read from `pg_locks`, which every role
+/// may read; `pg_stat_activity` adds user, state and age where the role may
+/// see them. Never the query text: it may carry the application's values.
+async fn lock_holders(client: &Client, tables: &[QualifiedName]) -> Result<Vec<String>, tokio_postgres::Error> {
+    let names: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
+    let rows = client
+        .query(
+            "WITH RECURSIVE fenced(oid) AS ( \
+               SELECT to_regclass(n)::oid FROM unnest($1::text[]) n WHERE to_regclass(n) IS NOT NULL \
+               UNION SELECT i.inhrelid FROM pg_inherits i JOIN fenced f ON i.inhparent = f.oid) \
+             SELECT l.relation::regclass::text, l.mode, l.pid, coalesce(a.usename::text, ''), \
+                    coalesce(a.application_name, ''), coalesce(a.state, ''), \
+                    extract(epoch FROM now() - a.xact_start)::float8, p.gid \
+             FROM pg_locks l \
+             LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+             LEFT JOIN pg_locks x ON l.pid IS NULL AND x.pid IS NULL AND x.locktype = 'transactionid' \
+                  AND x.virtualtransaction = l.virtualtransaction \
+             LEFT JOIN pg_prepared_xacts p ON p.transaction = x.transactionid \
+             WHERE l.locktype = 'relation' AND l.granted AND l.mode <> 'AccessShareLock' \
+               AND l.relation IN (SELECT oid FROM fenced) AND l.pid IS DISTINCT FROM pg_backend_pid() \
+             ORDER BY a.xact_start NULLS FIRST LIMIT 10",
+            &[&names],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let table: String = row.get(0);
+            let mode: String = row.get(1);
+            match (row.get::<_, Option<i32>>(2), row.get::<_, Option<String>>(7)) {
+                (Some(pid), _) => {
+                    let mut about = Vec::new();
+                    for (name, value) in [
+                        ("user", row.get::<_, String>(3)),
+                        ("application", row.get::<_, String>(4)),
+                        ("state", row.get::<_, String>(5)),
+                    ] {
+                        if !value.is_empty() {
+                            about.push(format!("{name} {value}"));
+                        }
+                    }
+                    if let Some(age) = row.get::<_, Option<f64>>(6) {
+                        about.push(format!("transaction open {age:.0} s"));
+                    }
+                    format!(
+                        "{table} is locked ({mode}) by pid {pid} ({}): let it finish, or end it with SELECT \
+                         pg_terminate_backend({pid})",
+                        about.join(", ")
+                    )
+                }
+                (None, Some(gid)) => format!(
+                    "{table} is locked ({mode}) by prepared transaction '{gid}': COMMIT PREPARED {} or ROLLBACK \
+                     PREPARED {}",
+                    quote_literal(&gid),
+                    quote_literal(&gid)
+                ),
+                (None, None) => format!("{table} is locked ({mode}) by a prepared transaction (see pg_prepared_xacts)"),
+            }
+        })
+        .collect())
 }
 
 /// Installs the refusing triggers on the tables and their partitions and
@@ -201,4 +390,48 @@ pub async fn release(source: &Database) -> Result<u32, Status> {
         .await
         .map_err(fail)?;
     Ok(tables as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lock_timeout_or_a_deadlock_is_tried_again_anything_else_is_not() {
+        assert!(worth_another_attempt(Some(&SqlState::LOCK_NOT_AVAILABLE)));
+        assert!(worth_another_attempt(Some(&SqlState::T_R_DEADLOCK_DETECTED)));
+        assert!(worth_another_attempt(Some(&SqlState::QUERY_CANCELED)));
+        assert!(!worth_another_attempt(Some(&SqlState::INSUFFICIENT_PRIVILEGE)));
+        assert!(!worth_another_attempt(Some(&SqlState::UNDEFINED_TABLE)));
+        assert!(!worth_another_attempt(None));
+    }
+
+    #[test]
+    fn tables_are_locked_in_one_order_each_once() {
+        let t = |s: &str, n: &str| QualifiedName::new(s, n);
+        assert_eq!(
+            lock_order(vec![
+                t("public", "b"),
+                t("app", "z"),
+                t("public", "a"),
+                t("public", "b")
+            ]),
+            vec![t("app", "z"), t("public", "a"), t("public", "b")]
+        );
+    }
+
+    #[test]
+    fn the_hold_is_bounded_from_its_arrival() {
+        let arrived = Instant::now();
+        let hold = wire::FenceHold {
+            lock_timeout_ms: 3000,
+            max_hold_ms: 8000,
+            table_lock_timeout_ms: 0,
+            ..Default::default()
+        };
+        let limits = Limits::of(&hold, arrived);
+        assert_eq!(limits.locks_by - arrived, Duration::from_secs(3));
+        assert_eq!(limits.hold_until - arrived, Duration::from_secs(8));
+        assert_eq!(limits.table_lock_timeout, TABLE_LOCK_TIMEOUT);
+    }
 }

@@ -72,6 +72,7 @@ pub async fn run(
         pg_dump: config.pg_dump.clone(),
         subscription_role: config.subscription_role.clone(),
         snapshots: Arc::new(snapshot::Snapshots::default()),
+        monitor: streaming::Monitor::new(tasks.clone(), shutdown.clone()),
         tasks: tasks.clone(),
         link_up: std::sync::atomic::AtomicBool::new(false),
     });

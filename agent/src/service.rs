@@ -35,6 +35,8 @@ pub struct AgentState {
     /// Who the target's subscription logs in as.
     pub subscription_role: crate::subscription_role::SubscriptionRole,
     pub snapshots: Arc<Snapshots>,
+    /// The session the slot's status is read on while it is watched.
+    pub monitor: crate::streaming::Monitor,
     /// Streams and snapshot holders run here, so shutdown can wait for them.
     pub tasks: tokio_util::task::TaskTracker,
     /// Whether the link to the controller is up now.
@@ -223,7 +225,13 @@ impl AgentService for Agent {
             let held = self
                 .state
                 .snapshots
-                .create(&self.state.source, &request.slot, &request.publication, &tables)
+                .create(
+                    &self.state.source,
+                    &request.slot,
+                    &request.publication,
+                    &tables,
+                    (request.deadline_ms > 0).then(|| Duration::from_millis(request.deadline_ms)),
+                )
                 .await
                 .map_err(|e| crate::fault::status(Fault::new(e.kind(), e.to_string())))?;
             crash_point!(fp::AGENT_SLOT_CREATED);
@@ -455,10 +463,12 @@ impl AgentService for Agent {
     ) -> Result<Response<wire::SlotStatusResponse>, Status> {
         let span = self.span("slot_status", &request);
         async {
-            let client = self.source_client(&source::QUESTIONS).await?;
-            let status = crate::streaming::slot_status(&client, &request.get_ref().slot)
+            let status = self
+                .state
+                .monitor
+                .slot_status(&self.state.source, &request.get_ref().slot)
                 .await
-                .map_err(|e| crate::fault::source_status("reading the slot failed", &e))?;
+                .map_err(|e| crate::fault::session_status("reading the slot failed", &e))?;
             Ok(Response::new(status))
         }
         .instrument(span)

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
@@ -36,6 +37,20 @@ pub enum SnapshotError {
     },
     #[error("cannot create the replication slot {slot}: {source}")]
     Slot { slot: String, source: ReplicationError },
+    /// The slot's creation waited past its deadline for transactions on
+    /// the source to end, and was cancelled.
+    #[error(
+        "cannot create the replication slot {slot}: it waited {:.1} s (its deadline) for transactions on the \
+         source to end, and was cancelled; {}",
+        waited.as_secs_f64(),
+        blockers.join("; ")
+    )]
+    Blocked {
+        slot: String,
+        waited: Duration,
+        /// What it waited for, each with the statement that ends it.
+        blockers: Vec<String>,
+    },
 }
 
 impl SnapshotError {
@@ -43,6 +58,7 @@ impl SnapshotError {
         match self {
             SnapshotError::Source { kind, .. } | SnapshotError::Publication { kind, .. } => *kind,
             SnapshotError::Slot { source, .. } => source.kind(),
+            SnapshotError::Blocked { .. } => FaultKind::Blocked,
         }
     }
 }
@@ -76,6 +92,7 @@ impl Snapshots {
         slot: &str,
         publication: &str,
         tables: &[QualifiedName],
+        deadline: Option<Duration>,
     ) -> Result<HeldSnapshot, SnapshotError> {
         let client = source
             .connect_with(APPLICATION_NAME, &QUESTIONS)
@@ -99,13 +116,33 @@ impl Snapshots {
                 slot: slot.to_owned(),
                 source,
             })?;
-        let created = connection
-            .create_logical_slot_exporting_snapshot(slot)
-            .await
-            .map_err(|source| SnapshotError::Slot {
-                slot: slot.to_owned(),
-                source,
-            })?;
+        let walsender = connection.backend_pid();
+        let started = tokio::time::Instant::now();
+        // Creating the slot waits for every transaction that holds an xid
+        // to end: bounded by the deadline, after which the walsender is
+        // ended (its half-made slot goes with it) and what it waited for
+        // is named.
+        let created = {
+            let create = connection.create_logical_slot_exporting_snapshot(slot);
+            match deadline {
+                None => create.await,
+                Some(deadline) => match tokio::time::timeout(deadline, create).await {
+                    Ok(created) => created,
+                    Err(_) => {
+                        let blockers = blockers_and_cancel(source, walsender).await;
+                        return Err(SnapshotError::Blocked {
+                            slot: slot.to_owned(),
+                            waited: started.elapsed(),
+                            blockers,
+                        });
+                    }
+                },
+            }
+        }
+        .map_err(|source| SnapshotError::Slot {
+            slot: slot.to_owned(),
+            source,
+        })?;
         let held = HeldSnapshot {
             slot: created.slot_name,
             snapshot: created.snapshot_name,
@@ -175,8 +212,125 @@ impl Snapshots {
     }
 }
 
+/// What the slot's walsender `pid` waits for (the transaction whose lock
+/// it waits on, and the other transactions holding an xid it may wait for
+/// next), each with the statement that ends it; then the walsender is
+/// ended and waited for, so no half-made slot stays behind. Read from
+/// `pg_locks` and `pg_prepared_xacts`, which every role may read;
+/// `pg_stat_activity` adds state and age where the role may see them.
+async fn blockers_and_cancel(source: &Database, walsender: Option<i32>) -> Vec<String> {
+    let client = match source.connect(APPLICATION_NAME).await {
+        Ok(client) => client,
+        Err(e) => return vec![format!("what it waits for cannot be read: {e}")],
+    };
+    let pid = walsender.unwrap_or(0);
+    let mut found = match blockers(&client, pid).await {
+        Ok(found) if found.is_empty() => vec!["no transaction it waits for could be seen".to_owned()],
+        Ok(found) => found,
+        Err(e) => vec![format!("what it waits for cannot be read: {}", describe(&e))],
+    };
+    if pid != 0 {
+        let ended = async {
+            client.execute("SELECT pg_terminate_backend($1)", &[&pid]).await?;
+            let deadline = tokio::time::Instant::now() + WALSENDER_EXIT_WAIT;
+            while tokio::time::Instant::now() < deadline {
+                let alive = client
+                    .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
+                    .await?
+                    .is_some();
+                if !alive {
+                    return Ok(true);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok::<_, tokio_postgres::Error>(false)
+        };
+        match ended.await {
+            Ok(true) => {}
+            Ok(false) => found.push(format!(
+                "its walsender (pid {pid}) has not exited yet; the slot may appear once the transaction ends: drop it \
+                 then"
+            )),
+            Err(e) => found.push(format!(
+                "its walsender (pid {pid}) could not be ended: {}",
+                describe(&e)
+            )),
+        }
+    }
+    found
+}
+
+/// How long a cancelled slot creation's walsender is given to exit.
+const WALSENDER_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// The transactions the walsender `pid` waits for: first the one whose
+/// lock it is waiting on, then the others that hold an xid.
+async fn blockers(client: &tokio_postgres::Client, pid: i32) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "WITH awaited AS ( \
+               SELECT transactionid FROM pg_locks \
+               WHERE locktype = 'transactionid' AND pid = $1 AND NOT granted), \
+             holders AS ( \
+               SELECT l.transactionid, l.pid FROM pg_locks l \
+               WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted \
+                 AND l.pid IS DISTINCT FROM $1 AND l.pid IS DISTINCT FROM pg_backend_pid()) \
+             SELECT h.transactionid::text, h.pid, h.transactionid IN (SELECT transactionid FROM awaited), \
+                    coalesce(a.usename::text, ''), coalesce(a.application_name, ''), coalesce(a.state, ''), \
+                    extract(epoch FROM now() - a.xact_start)::float8, \
+                    p.gid, p.database::text, extract(epoch FROM now() - p.prepared)::float8 \
+             FROM holders h \
+             LEFT JOIN pg_stat_activity a ON a.pid = h.pid \
+             LEFT JOIN pg_prepared_xacts p ON p.transaction = h.transactionid \
+             ORDER BY 3 DESC, coalesce(a.xact_start, p.prepared) NULLS LAST \
+             LIMIT 6",
+            &[&pid],
+        )
+        .await?;
+    let mut found = Vec::new();
+    for row in rows {
+        let xid: String = row.get(0);
+        let awaited: bool = row.get(2);
+        let lead = if awaited { "it waits for" } else { "also open" };
+        let gid: Option<String> = row.get(7);
+        let described = match (gid, row.get::<_, Option<i32>>(1)) {
+            (Some(gid), _) => format!(
+                "{lead} prepared transaction '{gid}' (xid {xid}, database {}, prepared {:.0} s ago): COMMIT PREPARED \
+                 {} or ROLLBACK PREPARED {} there",
+                row.get::<_, Option<String>>(8).unwrap_or_default(),
+                row.get::<_, Option<f64>>(9).unwrap_or_default(),
+                quote_literal(&gid),
+                quote_literal(&gid),
+            ),
+            (None, Some(pid)) => {
+                let mut about = vec![format!("xid {xid}")];
+                for (name, value) in [
+                    ("user", row.get::<_, String>(3)),
+                    ("application", row.get::<_, String>(4)),
+                    ("state", row.get::<_, String>(5)),
+                ] {
+                    if !value.is_empty() {
+                        about.push(format!("{name} {value}"));
+                    }
+                }
+                if let Some(age) = row.get::<_, Option<f64>>(6) {
+                    about.push(format!("open {age:.0} s"));
+                }
+                format!(
+                    "{lead} the transaction of pid {pid} ({}): let it finish, or end it with SELECT \
+                     pg_terminate_backend({pid})",
+                    about.join(", ")
+                )
+            }
+            (None, None) => format!("{lead} transaction {xid}"),
+        };
+        found.push(described);
+    }
+    Ok(found)
+}
+
 /// How long a drop waits for a just-released slot's walsender to exit.
-const SLOT_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(10);
 
 /// Drops the slot and the publication if they exist; says which it dropped.
 pub async fn drop_replication(
@@ -196,7 +350,7 @@ pub async fn drop_replication(
         if active != Some(true) || tokio::time::Instant::now() >= deadline {
             break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let dropped_slot = client
         .query_opt(

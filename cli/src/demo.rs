@@ -115,6 +115,7 @@ async fn migrate(
             allow: Vec::new(),
         },
         retained_wal_warning: 1 << 30,
+        snapshot_create_timeout: std::time::Duration::from_secs(300),
         subscription_tls: Default::default(),
         listen_metrics: None,
         identity: identity(&certs, "controller")?,

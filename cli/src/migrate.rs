@@ -274,6 +274,12 @@ struct StatusView {
     lag_bytes: Option<u64>,
     lag_seconds: Option<f64>,
     retained_wal_bytes: Option<u64>,
+    /// Seconds since the subscriber last reported to the source.
+    reply_age_seconds: Option<f64>,
+    /// The slot's wal_status (reserved, extended, unreserved, lost).
+    wal_status: String,
+    /// WAL the source may still write before the slot is invalidated.
+    safe_wal_bytes: Option<i64>,
     slot_active: bool,
     /// What the controller runs now: "" when the migration rests.
     running: String,
@@ -301,6 +307,7 @@ struct WaitView {
     agent: String,
     phase: String,
     since_unix_ms: i64,
+    reason: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -361,6 +368,9 @@ impl From<&wire::StatusResponse> for StatusView {
             lag_bytes: status.lag_bytes,
             lag_seconds: status.lag_seconds,
             retained_wal_bytes: status.retained_wal_bytes,
+            reply_age_seconds: status.reply_age_seconds,
+            wal_status: status.wal_status.clone(),
+            safe_wal_bytes: status.safe_wal_bytes,
             slot_active: status.slot_active,
             running: status.running.clone(),
             schema_drift: status.schema_drift.iter().map(DriftView::from).collect(),
@@ -380,6 +390,7 @@ impl From<&wire::StatusResponse> for StatusView {
                 agent: w.agent.clone(),
                 phase: w.phase.clone(),
                 since_unix_ms: w.since_unix_ms,
+                reason: w.reason.clone(),
             }),
             subscription: status.subscription.clone(),
             subscription_errors: status.subscription_errors,
@@ -397,13 +408,28 @@ fn print_status(status: &wire::StatusResponse) {
     if !status.slot.is_empty() {
         println!("slot {}  consistent at {}", status.slot, status.consistent_lsn);
     }
+    if !status.wal_status.is_empty() || status.safe_wal_bytes.is_some() {
+        println!(
+            "slot WAL: {}{}",
+            if status.wal_status.is_empty() {
+                "unknown"
+            } else {
+                &status.wal_status
+            },
+            status
+                .safe_wal_bytes
+                .map(|b| format!(", {b} bytes more before max_slot_wal_keep_size invalidates it"))
+                .unwrap_or_default()
+        );
+    }
     if !status.subscription.is_empty() {
         let known = |value: Option<String>| value.unwrap_or_else(|| "unknown".to_owned());
         println!(
-            "subscription {}  lag {} s / {} bytes  slot {}  WAL retained {} bytes",
+            "subscription {}  lag {} s / {} bytes  last report {} s ago  slot {}  WAL retained {} bytes",
             status.subscription,
             known(status.lag_seconds.map(|s| format!("{s:.1}"))),
             known(status.lag_bytes.map(|b| b.to_string())),
+            known(status.reply_age_seconds.map(|s| format!("{s:.1}"))),
             if status.slot_active { "active" } else { "inactive" },
             known(status.retained_wal_bytes.map(|b| b.to_string())),
         );
@@ -421,10 +447,15 @@ fn print_status(status: &wire::StatusResponse) {
     }
     if let Some(waiting) = &status.waiting {
         println!(
-            "WAITING for agent {} since {} (phase {}): the migration goes on when it connects",
+            "WAITING for agent {} since {} (phase {}): {}; the migration goes on when it can use it",
             waiting.agent,
             crate::output::local_time(waiting.since_unix_ms),
-            waiting.phase
+            waiting.phase,
+            if waiting.reason.is_empty() {
+                "not connected"
+            } else {
+                &waiting.reason
+            }
         );
     }
     for retry in &status.retries {
@@ -609,6 +640,7 @@ pub async fn removal(address: &ApiAddress, which: Removal, json: bool) -> Result
             "phase": response.phase,
             "removed": response.removed,
             "remaining": response.remaining,
+            "source_sql": response.source_sql,
         }));
     } else {
         if response.removed.is_empty() && response.remaining.is_empty() {
@@ -619,6 +651,12 @@ pub async fn removal(address: &ApiAddress, which: Removal, json: bool) -> Result
         }
         for remaining in &response.remaining {
             println!("left behind: {remaining}");
+        }
+        if !response.source_sql.is_empty() {
+            println!("run on the source, in the migration's database, to remove what remains there:");
+            for sql in &response.source_sql {
+                println!("  {sql}");
+            }
         }
         println!("phase {}", response.phase);
     }

@@ -65,6 +65,7 @@ fn cleanup_response(removed: teardown::Removed, phase: &str) -> wire::CleanupRes
         removed: removed.removed,
         phase: phase.to_owned(),
         remaining: removed.remaining,
+        source_sql: removed.source_sql,
     }
 }
 

@@ -1,5 +1,5 @@
 //! Tables the application creates while the migration streams. The
-//! source's catalog is looked at again every health interval (and once
+//! source's catalog is looked at again every `WATCH_INTERVAL` (and once
 //! more before the cutover fences anything):
 //!
 //! * a **partition** of a published partitioned table is created on the
@@ -17,17 +17,25 @@
 //! A table that cannot be published as it is (no replica identity, say)
 //! is not added: the cutover refuses, naming it and the fix.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 use walbridge_migration::fault::Fault;
 use walbridge_migration::finding::Finding;
 use walbridge_migration::ident::QualifiedName;
 use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
 
-use crate::migration::{Context, MigrationRecord, RefusedTable, TableRecord, TableState};
+use crate::migration::{Context, MigrationRecord, Phase, RefusedTable, TableRecord, TableState};
 use crate::plan::plan;
 use crate::registry::AgentClient;
+use crate::runner::Runner;
 use crate::target::{self, Purpose};
 use crate::{schema, subscription};
+
+/// How often the source's catalog is looked at while streaming.
+const WATCH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What one look at the catalog changed.
 #[derive(Debug, Default)]
@@ -305,4 +313,29 @@ async fn finish_synchronised(
     record.syncing.retain(|t| !done.contains(t));
     look.changed = true;
     Ok(())
+}
+
+/// While a migration streams: takes in the source's new tables and
+/// compares the schemas (the slot's health is `slot_watch`'s).
+pub async fn watch(runner: Arc<Runner>, shutdown: CancellationToken) {
+    let ctx = runner.ctx().clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let Ok(Some(record)) = ctx.state.current() else {
+            continue;
+        };
+        if record.phase != Phase::Streaming {
+            continue;
+        }
+        runner.watch_catalog().await;
+        if let Some(agent) = ctx.registry.get(&record.agent) {
+            match crate::drift::detect(&ctx, &agent.client, &record).await {
+                Ok(drift) => ctx.state.set_drift(drift),
+                Err(e) => tracing::warn!(migration = %record.id, error = %e, "cannot compare the schemas"),
+            }
+        }
+    }
 }

@@ -19,6 +19,7 @@ pub const TUNNEL_ADVERTISE: &str = "tunnel.advertise";
 pub const TUNNEL_MAX_CONNECTIONS: &str = "tunnel.max_connections";
 pub const TUNNEL_ALLOW: &str = "tunnel.allow";
 pub const RETAINED_WAL_WARNING: &str = "streaming.retained_wal_warning";
+pub const SNAPSHOT_CREATE_TIMEOUT: &str = "snapshot.create_timeout";
 pub const SUBSCRIPTION_SSLMODE: &str = "subscription.sslmode";
 pub const SUBSCRIPTION_SSLROOTCERT: &str = "subscription.sslrootcert";
 pub use walbridge_daemon::metrics::LISTEN_METRICS;
@@ -103,6 +104,13 @@ pub fn settings() -> Vec<Setting> {
             help: "warn (status and log) when the slot holds more WAL than this many bytes on the source",
             value_name: "BYTES",
             default: Some("10737418240"),
+        },
+        Setting {
+            key: SNAPSHOT_CREATE_TIMEOUT,
+            help: "how long creating the replication slot may wait for transactions open on the source (it waits \
+                   for every one holding a transaction ID); past it, it is cancelled and the error names them",
+            value_name: "DURATION",
+            default: Some("5m"),
         },
     ];
     all.extend(TLS_SETTINGS);
@@ -210,6 +218,7 @@ pub struct ControllerConfig {
     pub split_bytes: u64,
     pub tunnel: TunnelConfig,
     pub retained_wal_warning: u64,
+    pub snapshot_create_timeout: std::time::Duration,
     pub subscription_tls: crate::subscription::SubscriptionTls,
     pub listen_metrics: Option<SocketAddr>,
     pub identity: Identity,
@@ -239,6 +248,21 @@ impl ControllerConfig {
         let retained_wal_warning = settings
             .parse::<u64>(RETAINED_WAL_WARNING)?
             .ok_or_else(|| SettingError::new(RETAINED_WAL_WARNING, "must be a number of bytes"))?;
+        let snapshot_create_timeout = settings
+            .get(SNAPSHOT_CREATE_TIMEOUT)
+            .map(|raw| {
+                humantime::parse_duration(raw)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        SettingError::new(
+                            SNAPSHOT_CREATE_TIMEOUT,
+                            format!("{raw:?} is not a duration above zero (e.g. 5m, 90s)"),
+                        )
+                    })
+            })
+            .transpose()?
+            .unwrap_or(std::time::Duration::from_secs(300));
         let identity = Identity::from_settings(settings)?;
         let listen_metrics = settings.parse::<SocketAddr>(LISTEN_METRICS)?;
         let sslmode = settings.get(SUBSCRIPTION_SSLMODE).unwrap_or_default().to_owned();
@@ -257,6 +281,7 @@ impl ControllerConfig {
             subscription_tls,
             tunnel,
             retained_wal_warning,
+            snapshot_create_timeout,
             listen_metrics,
             split_bytes,
             data_dir,

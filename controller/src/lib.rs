@@ -24,6 +24,8 @@
 //!   on the target and rolled back; [`probe`]: the proof that the
 //!   subscription can log in to the source.
 //! * [`subscription`]: the target's subscription.
+//! * [`slot_watch`]: the slot watched in every phase that holds one: lag
+//!   in time, retained WAL, `max_slot_wal_keep_size`, a lost slot.
 //! * [`tunnel`]: the subscription's connections, carried to the agent;
 //!   [`door`]: who may use the tunnel when.
 //! * [`metrics`]: Prometheus metrics, read from `status` at scrape time.
@@ -52,6 +54,7 @@ pub mod registry;
 pub mod rehearsal;
 pub mod runner;
 pub mod schema;
+pub mod slot_watch;
 pub mod start;
 pub mod status;
 pub mod steps;
@@ -183,9 +186,11 @@ impl BoundController {
                 split_bytes: config.split_bytes,
                 tunnel_advertise: config.tunnel.advertise.clone(),
                 retained_wal_warning: config.retained_wal_warning,
+                snapshot_create_timeout: config.snapshot_create_timeout,
                 subscription_tls: config.subscription_tls.clone(),
             },
             state,
+            slot_watch: slot_watch::SlotWatch::default(),
         });
         let runner = runner::Runner::new(ctx.clone(), tasks.clone(), shutdown.clone());
         if let Some(listener) = tunnel {
@@ -207,7 +212,8 @@ impl BoundController {
                 shutdown.clone(),
             ));
         }
-        tasks.spawn(status::watch_health(runner.clone(), shutdown.clone()));
+        tasks.spawn(catalog_watch::watch(runner.clone(), shutdown.clone()));
+        tasks.spawn(slot_watch::watch(runner.clone(), shutdown.clone()));
         // A migration interrupted by a restart carries on where its journal
         // says it was.
         runner.resume().map_err(|e| e.to_string())?;

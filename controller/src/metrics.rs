@@ -68,8 +68,24 @@ pub async fn render(runner: &Runner) -> Result<String, String> {
         set_float_gauge(
             &mut registry,
             "walbridge_replication_lag_seconds",
-            "How far the subscriber is behind, in seconds",
+            "How long ago the source was where the subscriber has confirmed now",
             lag,
+        );
+    }
+    if let Some(age) = status.reply_age_seconds {
+        set_float_gauge(
+            &mut registry,
+            "walbridge_subscriber_reply_age_seconds",
+            "Seconds since the subscriber last reported its position to the source",
+            age,
+        );
+    }
+    if let Some(safe) = status.safe_wal_bytes {
+        set_gauge(
+            &mut registry,
+            "walbridge_slot_safe_wal_bytes",
+            "WAL the source may still write before max_slot_wal_keep_size invalidates the slot: alert near 0",
+            safe,
         );
     }
     if let Some(retained) = status.retained_wal_bytes {

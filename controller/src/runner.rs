@@ -18,7 +18,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use walbridge_daemon::crash_point;
 use walbridge_migration::failpoint as fp;
-use walbridge_migration::fault::{Fault, FaultKind, Policy};
+use walbridge_migration::fault::{Fault, Policy};
 
 use crate::migration::{Context, CutoverReport, MigrationRecord, Phase, TableRecord};
 use crate::steps::{self, StepError, cutover, teardown};
@@ -220,9 +220,12 @@ impl Runner {
             let phase = record.phase;
             let span = tracing::info_span!(parent: &run, "step", migration = %record.id, phase = phase.name());
             let started = std::time::Instant::now();
+            let slot = record.slot.clone();
             let outcome = tokio::select! {
                 outcome = tracing::Instrument::instrument(step(ctx, &mut record), span) => outcome,
                 _ = claim.cancel.cancelled() => Err(StepError::Stopped),
+                // The slot watch found the slot lost: the step cannot succeed.
+                lost = ctx.slot_watch.lost(&slot) => Err(StepError::Fault(lost)),
             };
             let unit = format!("phase {}", phase.name());
             let fault = match outcome {
@@ -280,7 +283,7 @@ impl Runner {
                 record.phase.name()
             )));
         }
-        let agent = self.connected_agent(&record)?;
+        let agent = self.connected_agent(&record).await?;
         // Tables the application created since the last look: the cutover
         // must not leave any behind.
         let mut record = record;
@@ -322,6 +325,18 @@ impl Runner {
         task.await
             .map_err(|e| RunError::Fault(crate::fault::internal(format!("the cutover task failed: {e}"))))?
             .map_err(RunError::from)
+    }
+
+    /// Fails a streaming migration for a fault found while it rests (its
+    /// slot lost): nothing can bring it back.
+    pub async fn fail_streaming(self: &Arc<Self>, fault: Fault) -> Result<(), RunError> {
+        let claim = self.claim(Operation::Drive)?;
+        let record = self.current()?;
+        if record.phase == Phase::Streaming {
+            fail(&self.ctx, record, fault).await;
+        }
+        drop(claim);
+        Ok(())
     }
 
     /// Stops the migration in any phase but `cut_over` and removes what it
@@ -374,7 +389,7 @@ impl Runner {
     pub async fn release_source(self: &Arc<Self>) -> Result<(teardown::Removed, Phase), RunError> {
         let claim = self.claim(Operation::ReleaseSource)?;
         let mut record = self.current()?;
-        let agent = self.connected_agent(&record)?;
+        let agent = self.connected_agent(&record).await?;
         let ctx = self.ctx.clone();
         let task = self.tasks.spawn(async move {
             let outcome = async {
@@ -402,7 +417,7 @@ impl Runner {
         if record.phase != Phase::Streaming {
             return;
         }
-        let Ok(agent) = self.connected_agent(&record) else {
+        let Ok(agent) = self.connected_agent(&record).await else {
             return;
         };
         let Ok(claim) = self.claim(Operation::CatalogWatch) else {
@@ -432,7 +447,7 @@ impl Runner {
                 record.phase.name()
             )));
         }
-        let agent = self.connected_agent(&record)?;
+        let agent = self.connected_agent(&record).await?;
         let claim = self.claim(Operation::SyncSchema)?;
         let ctx = self.ctx.clone();
         let task = self.tasks.spawn(async move {
@@ -456,13 +471,11 @@ impl Runner {
             .ok_or_else(|| RunError::Refused("there is no migration: run `walbridge start` first".to_owned()))
     }
 
-    fn connected_agent(&self, record: &MigrationRecord) -> Result<crate::registry::AgentClient, RunError> {
-        self.ctx.registry.get(&record.agent).map(|a| a.client).ok_or_else(|| {
-            RunError::Fault(Fault::new(
-                FaultKind::AgentAway,
-                format!("agent {} is not connected", record.agent),
-            ))
-        })
+    /// The migration's agent, connected and reaching the migration's source.
+    async fn connected_agent(&self, record: &MigrationRecord) -> Result<crate::registry::AgentClient, RunError> {
+        steps::verified_agent(&self.ctx, record)
+            .await
+            .map_err(|refusal| RunError::Fault(refusal.fault()))
     }
 }
 

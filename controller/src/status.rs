@@ -1,12 +1,9 @@
 //! `status`: the migration as the journal and the live figures have it,
-//! and, while it streams, its health asked of the agent and the target
-//! right now. What cannot be known (lag while the agent is away) is
-//! absent, never 0. `watch_health` logs the warnings while it streams.
+//! and its slot's and subscription's health asked of the agent and the
+//! target right now. What cannot be known (lag while the agent is away) is
+//! absent, never 0. The slot is watched, and its warnings logged, by
+//! `slot_watch`.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use walbridge_migration::definition::Drift;
 use walbridge_proto::v1 as wire;
@@ -14,18 +11,17 @@ use walbridge_proto::v1 as wire;
 use crate::link::unix_ms;
 use crate::migration::{Context, MigrationRecord, Phase};
 use crate::runner::Runner;
-use crate::steps::cutover;
+use crate::slot_watch::{self, Lag};
+use crate::steps::{self, cutover};
 use crate::subscription;
 use crate::target::{self, Purpose};
 
-/// How often the controller checks a streaming migration's health.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Lag and health of a streaming migration; `None` when it has no
-/// subscription to speak of.
+/// Lag and health of a migration that holds a slot.
 pub struct Health {
     /// `None` while the agent cannot be asked.
     pub slot: Option<wire::SlotStatusResponse>,
+    /// The lag in time (`None` while unknown).
+    pub lag: Option<Lag>,
     pub subscription: subscription::State,
     /// Errors its workers hit (PostgreSQL 15 and later).
     pub subscription_errors: u64,
@@ -35,39 +31,43 @@ pub struct Health {
 }
 
 pub async fn health(ctx: &Context, record: &MigrationRecord) -> Option<Health> {
-    if !matches!(record.phase, Phase::Streaming | Phase::Cutover | Phase::CutOver) {
+    if !slot_watch::holds_slot(record) {
         return None;
     }
     let mut warnings = Vec::new();
-    let slot = match ctx.registry.get(&record.agent) {
-        Some(agent) => match cutover::slot_status(&agent.client, &record.slot).await {
+    let slot = match steps::verified_agent(ctx, record).await {
+        Ok(agent) => match cutover::slot_status(&agent, &record.slot).await {
             Ok(slot) => Some(slot),
             Err(problem) => {
                 warnings.push(problem.to_string());
                 None
             }
         },
-        None => {
-            warnings.push(format!("agent {} is not connected: lag is unknown", record.agent));
+        Err(refusal) => {
+            warnings.push(format!("{refusal}: the slot's lag and health are unknown"));
             None
         }
     };
-    let limit = ctx.settings.retained_wal_warning;
-    if let Some(slot) = &slot
-        && slot.retained_wal_bytes > limit
-    {
-        warnings.push(format!(
-            "slot {} holds {} bytes of WAL on the source (over streaming.retained_wal_warning, {limit}): \
-             a stalled subscription fills the source's disk",
-            record.slot, slot.retained_wal_bytes
-        ));
+    let has_subscription = matches!(
+        record.phase,
+        Phase::Subscribe | Phase::Streaming | Phase::Cutover | Phase::CutOver
+    );
+    let observed_lag = slot
+        .as_ref()
+        .and_then(|slot| ctx.slot_watch.observe(&record.slot, slot));
+    // Before there is a subscriber, its lag means nothing yet.
+    let lag = observed_lag.filter(|_| has_subscription);
+    if let Some(slot) = &slot {
+        let assessment = slot_watch::assess(record, slot, ctx.settings.retained_wal_warning, lag);
+        warnings.extend(assessment.warnings.into_iter().map(|(_, warning)| warning));
+        warnings.extend(assessment.lost.map(|fault| fault.explained()));
     }
-    let observed = match &ctx.target {
-        Some(target) => match target::connect(target, Purpose::Control).await {
+    let observed = match (&ctx.target, has_subscription) {
+        (Some(target), true) => match target::connect(target, Purpose::Control).await {
             Ok(client) => subscription::health(&client, &record.subscription).await,
             Err(e) => Err(e),
         },
-        None => Ok((subscription::State::Missing, 0)),
+        _ => Ok((subscription::State::Missing, 0)),
     };
     let (subscription, subscription_errors) = observed.unwrap_or_else(|e| {
         warnings.push(format!("cannot read the subscription: {e}"));
@@ -79,7 +79,7 @@ pub async fn health(ctx: &Context, record: &MigrationRecord) -> Option<Health> {
             record.subscription
         ));
     }
-    // Read every HEALTH_INTERVAL by `watch_health`: comparing the catalogs
+    // Read every WATCH_INTERVAL by `catalog_watch::watch`: comparing the catalogs
     // on each status call would cost both servers more than status is worth.
     let drift = if record.phase == Phase::Streaming {
         ctx.state.drift()
@@ -117,41 +117,12 @@ pub async fn health(ctx: &Context, record: &MigrationRecord) -> Option<Health> {
     }
     Some(Health {
         slot,
+        lag,
         subscription,
         subscription_errors,
         warnings,
         drift,
     })
-}
-
-/// While a migration streams: takes in the source's new tables, compares
-/// the schemas, and logs health warnings.
-pub async fn watch_health(runner: Arc<Runner>, shutdown: CancellationToken) {
-    let ctx = runner.ctx().clone();
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
-            _ = shutdown.cancelled() => return,
-        }
-        let Ok(Some(record)) = ctx.state.current() else {
-            continue;
-        };
-        if record.phase != Phase::Streaming {
-            continue;
-        }
-        runner.watch_catalog().await;
-        if let Some(agent) = ctx.registry.get(&record.agent) {
-            match crate::drift::detect(&ctx, &agent.client, &record).await {
-                Ok(drift) => ctx.state.set_drift(drift),
-                Err(e) => tracing::warn!(migration = %record.id, error = %e, "cannot compare the schemas"),
-            }
-        }
-        if let Some(health) = health(&ctx, &record).await {
-            for warning in health.warnings {
-                tracing::warn!(migration = %record.id, "{warning}");
-            }
-        }
-    }
 }
 
 pub async fn status(runner: &Runner) -> Result<wire::StatusResponse, Status> {
@@ -184,9 +155,10 @@ pub async fn status(runner: &Runner) -> Result<wire::StatusResponse, Status> {
         })
         .collect();
     let health = health(ctx, &record).await;
-    let (slot, subscription, subscription_errors, warnings, drift) = match health {
+    let (slot, lag, subscription, subscription_errors, warnings, drift) = match health {
         Some(h) => (
             h.slot,
+            h.lag,
             h.subscription.name().to_owned(),
             h.subscription_errors,
             h.warnings,
@@ -217,6 +189,7 @@ pub async fn status(runner: &Runner) -> Result<wire::StatusResponse, Status> {
                 agent: record.agent.clone(),
                 since,
                 phase: record.phase.name(),
+                reason: "it is not connected".to_owned(),
             })
     };
     let waiting = ctx
@@ -227,12 +200,17 @@ pub async fn status(runner: &Runner) -> Result<wire::StatusResponse, Status> {
             agent: w.agent,
             phase: w.phase.to_owned(),
             since_unix_ms: unix_ms(w.since),
+            reason: w.reason,
         });
+    let existing = slot.as_ref().filter(|s| s.exists);
     Ok(wire::StatusResponse {
-        lag_bytes: slot.as_ref().map(|s| s.lag_bytes),
-        lag_seconds: slot.as_ref().map(|s| s.lag_seconds),
-        retained_wal_bytes: slot.as_ref().map(|s| s.retained_wal_bytes),
-        slot_active: slot.as_ref().is_some_and(|s| s.active),
+        lag_bytes: lag.map(|l| l.bytes),
+        lag_seconds: lag.map(|l| l.seconds),
+        retained_wal_bytes: existing.map(|s| s.retained_wal_bytes),
+        slot_active: existing.is_some_and(|s| s.active),
+        reply_age_seconds: existing.and_then(|s| s.reply_age_seconds),
+        wal_status: existing.map(|s| s.wal_status.clone()).unwrap_or_default(),
+        safe_wal_bytes: existing.and_then(|s| s.safe_wal_bytes),
         retries,
         waiting,
         running: runner.running().map(|op| op.name().to_owned()).unwrap_or_default(),

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use walbridge_proto::v1 as wire;
 
 use crate::config::TunnelConfig;
-use crate::door::Passage;
+use crate::door::{Passage, Reason};
 use crate::migration::Context;
 
 /// Bytes read from the client per message.
@@ -84,10 +84,27 @@ async fn carry(
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let agent_name = passage.agent.clone();
-    let agent = ctx
-        .registry
-        .get(&agent_name)
-        .ok_or_else(|| format!("agent {agent_name} is not connected"))?;
+    // A migration's connection goes only through an agent that reaches the
+    // migration's source; a preflight probe's comes before there is one.
+    let agent = match &passage.reason {
+        Reason::Migration { id, .. } => {
+            let record = ctx
+                .state
+                .current()
+                .map_err(|e| e.to_string())?
+                .filter(|record| &record.id == id)
+                .ok_or_else(|| format!("migration {id} is no longer current"))?;
+            crate::steps::verified_agent(ctx, &record)
+                .await
+                .map_err(|refusal| format!("refused: {refusal}"))?
+        }
+        Reason::Probe => {
+            ctx.registry
+                .get(&agent_name)
+                .ok_or_else(|| format!("agent {agent_name} is not connected"))?
+                .client
+        }
+    };
     socket.set_nodelay(true).map_err(|e| e.to_string())?;
     let (reader, mut writer) = socket.into_split();
     // The client's bytes as the request stream: read as the HTTP/2 window
@@ -101,7 +118,7 @@ async fn carry(
         .map(|data| wire::TunnelData { data })
         .take_until(answered.clone().cancelled_owned());
     tracing::debug!(%peer, agent = %agent_name, reason = ?passage.reason, "tunnel connection opened");
-    let mut client = agent.client.clone();
+    let mut client = agent;
     let opened = tokio::select! {
         opened = client.tunnel(requests) => opened.map_err(|s| s.message().to_owned())?,
         why = passage.closed() => return Err(format!("closed by the controller: {why}")),

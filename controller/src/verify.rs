@@ -8,7 +8,7 @@ use walbridge_migration::ident::QualifiedName;
 use walbridge_proto::v1 as wire;
 
 use crate::migration::Context;
-use crate::start::{agent_client, selection_from_wire};
+use crate::start::selection_from_wire;
 use crate::transfer;
 
 /// Tables verified at once.
@@ -22,7 +22,9 @@ pub async fn verify(ctx: &Context, request: wire::VerifyRequest) -> Result<wire:
         .current()
         .map_err(|e| Status::internal(e.to_string()))?
         .ok_or_else(|| Status::failed_precondition("there is no migration to verify: run `walbridge start` first"))?;
-    let agent = agent_client(ctx, &record.agent)?;
+    let agent = crate::steps::verified_agent(ctx, &record)
+        .await
+        .map_err(|refusal| Status::failed_precondition(refusal.to_string()))?;
     let target = ctx
         .target
         .clone()

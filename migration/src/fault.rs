@@ -38,6 +38,9 @@ pub enum FaultKind {
     /// The agent now reaches a different source server than the one the
     /// migration started on.
     SourceChanged,
+    /// Another session keeps the step from going on past its deadline (a
+    /// long or prepared transaction the slot's creation waits for).
+    Blocked,
     /// A role lacks a privilege, or could not authenticate.
     Privilege,
     /// A server refused a statement for what it is (the schema, the data).
@@ -73,6 +76,7 @@ impl FaultKind {
             FaultKind::SnapshotLost => "snapshot_lost",
             FaultKind::SlotLost => "slot_lost",
             FaultKind::SourceChanged => "source_changed",
+            FaultKind::Blocked => "blocked",
             FaultKind::Privilege => "privilege",
             FaultKind::Rejected => "rejected",
             FaultKind::Exhausted => "exhausted",
@@ -96,6 +100,7 @@ impl FaultKind {
             FaultKind::SnapshotLost => Policy::RestartCopy,
             FaultKind::SlotLost
             | FaultKind::SourceChanged
+            | FaultKind::Blocked
             | FaultKind::Privilege
             | FaultKind::Rejected
             | FaultKind::Exhausted
@@ -129,6 +134,10 @@ impl FaultKind {
             FaultKind::SourceChanged => {
                 "the agent reaches another server than the migration started on: point it back at that server, or \
                  abort and start again"
+            }
+            FaultKind::Blocked => {
+                "a transaction on the source (named in the message: its pid, or a prepared transaction's gid) \
+                 blocks the step: let it finish, or end it (pg_terminate_backend, ROLLBACK PREPARED), then start again"
             }
             FaultKind::Privilege => "grant the privilege named, then start again (preflight lists them all)",
             FaultKind::Rejected => "the statement and the server's error say what to change (or what to --skip)",
@@ -180,7 +189,7 @@ impl FaultKind {
     }
 }
 
-const ALL: [FaultKind; 13] = [
+const ALL: [FaultKind; 14] = [
     FaultKind::SourceUnavailable,
     FaultKind::TargetUnavailable,
     FaultKind::AgentAway,
@@ -189,6 +198,7 @@ const ALL: [FaultKind; 13] = [
     FaultKind::SnapshotLost,
     FaultKind::SlotLost,
     FaultKind::SourceChanged,
+    FaultKind::Blocked,
     FaultKind::Privilege,
     FaultKind::Rejected,
     FaultKind::Exhausted,

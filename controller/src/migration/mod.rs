@@ -58,6 +58,9 @@ pub struct MigrationSettings {
     /// HOST:PORT of the tunnel, as the target reaches it.
     pub tunnel_advertise: Option<(String, u16)>,
     pub retained_wal_warning: u64,
+    /// How long the slot's creation may wait for transactions on the
+    /// source (`snapshot.create_timeout`).
+    pub snapshot_create_timeout: std::time::Duration,
     /// The subscription's TLS where the source's settings do not carry over.
     pub subscription_tls: SubscriptionTls,
 }
@@ -72,6 +75,8 @@ pub struct Context {
     pub state: MigrationState,
     /// Who may use the tunnel now (follows `state`).
     pub door: crate::door::TunnelDoor,
+    /// The slot's lag clock, and whether it was found lost.
+    pub slot_watch: crate::slot_watch::SlotWatch,
 }
 
 impl Context {

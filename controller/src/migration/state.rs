@@ -38,6 +38,18 @@ pub struct Waiting {
     pub since: SystemTime,
     /// The phase whose work waits.
     pub phase: &'static str,
+    /// Why it cannot be used: not connected, or reaching another source.
+    pub reason: String,
+}
+
+/// What was found when an agent's link was checked against the source
+/// pinned at `start`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkCheck {
+    pub link_id: u64,
+    pub at: std::time::Instant,
+    /// Why this link is refused for the migration (`None`: it may be used).
+    pub refusal: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -48,8 +60,8 @@ struct Live {
     waiting: Option<Waiting>,
     /// The running cutover's steps so far.
     cutover: Option<CutoverReport>,
-    /// The agent's link whose source was checked against the pinned one.
-    verified_link: Option<u64>,
+    /// The agent's link last checked against the pinned source.
+    link_check: Option<LinkCheck>,
     /// How the target's tables differed from the source's when last compared.
     drift: Vec<walbridge_migration::definition::Drift>,
 }
@@ -185,12 +197,16 @@ impl MigrationState {
         self.live().waiting.clone()
     }
 
-    pub fn is_verified_link(&self, link_id: u64) -> bool {
-        self.live().verified_link == Some(link_id)
+    /// The last check of this link, if it is no older than `max_age`.
+    pub fn link_check(&self, link_id: u64, max_age: std::time::Duration) -> Option<LinkCheck> {
+        self.live()
+            .link_check
+            .clone()
+            .filter(|c| c.link_id == link_id && c.at.elapsed() <= max_age)
     }
 
-    pub fn set_verified_link(&self, link_id: u64) {
-        self.live().verified_link = Some(link_id);
+    pub fn set_link_check(&self, check: LinkCheck) {
+        self.live().link_check = Some(check);
     }
 
     pub fn set_drift(&self, drift: Vec<walbridge_migration::definition::Drift>) {

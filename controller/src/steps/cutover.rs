@@ -36,6 +36,15 @@ use crate::target::{self, Purpose};
 
 /// How often lag and catch-up are polled.
 const POLL: Duration = Duration::from_millis(25);
+/// How long the fence waits for any one table's lock per attempt: writers
+/// on the tables it already holds wait about this long at most, each time.
+const FENCE_TABLE_LOCK_TIMEOUT: Duration = Duration::from_millis(200);
+/// The agent lifts a fence nobody sealed this long after the cutover's
+/// deadline (and the source's server a little after that, by itself).
+const FENCE_HOLD_MARGIN: Duration = Duration::from_secs(5);
+/// With WAL waiting for it, a subscriber silent for longer than the lag
+/// bound plus this is not keeping up, whatever its last position says.
+const REPLY_SLACK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -106,11 +115,8 @@ pub async fn run(
     // connection per question while writes wait.
     let target = target::connect(ctx.target()?, Purpose::Control).await?;
 
-    match wait_for_lag(&target, agent, &record, options, Until { deadline, stop }).await {
-        Ok(lag) => steps.done(
-            "lag",
-            format!("{lag:.3} s behind (bound {:.3} s)", options.max_lag.as_secs_f64()),
-        ),
+    match wait_for_lag(ctx, &target, agent, &record, options, Until { deadline, stop }).await {
+        Ok(lag) => steps.done("lag", lag),
         Err(error) => {
             steps.report.error = error;
             return Ok(steps.report);
@@ -214,34 +220,89 @@ impl Until<'_> {
     }
 }
 
-/// Waits until the subscription streams and its lag is within the bound.
+/// The gate before anything is fenced: waits until the subscription
+/// streams, its slot is sound, and the subscriber keeps up — lag in time
+/// within the bound (the controller's measure: how long ago the source
+/// was where the subscriber has confirmed now), and, while WAL waits for
+/// it, a subscriber that has reported recently; it refuses at once when
+/// the subscription hits new apply errors or the slot is lost. Returns the
+/// step's detail; on refusal, why, and nothing was fenced.
 async fn wait_for_lag(
+    ctx: &Context,
     target: &Client,
     agent: &AgentClient,
     record: &MigrationRecord,
     options: Options,
     until: Until<'_>,
-) -> Result<f64, String> {
+) -> Result<String, String> {
+    let bound = options.max_lag.as_secs_f64();
+    let reply_bound = (options.max_lag + REPLY_SLACK).as_secs_f64();
+    let (_, errors_before) = subscription::health(target, &record.subscription)
+        .await
+        .map_err(|f| f.to_string())?;
     loop {
         let slot = slot_status(agent, &record.slot).await.map_err(|f| f.to_string())?;
-        let state = subscription::state(target, &record.subscription)
+        let (state, errors) = subscription::health(target, &record.subscription)
             .await
             .map_err(|f| f.to_string())?;
-        if state == State::Streaming && slot.active && slot.lag_seconds <= options.max_lag.as_secs_f64() {
-            return Ok(slot.lag_seconds);
+        if let Some(lost) = crate::slot_watch::assess(record, &slot, ctx.settings.retained_wal_warning, None).lost {
+            return Err(format!("{}; nothing was fenced", lost.explained()));
+        }
+        if errors > errors_before {
+            return Err(format!(
+                "subscription {} hit {} new error(s) applying changes while the cutover waited (the target's \
+                 server log says what fails): it is not keeping up; nothing was fenced",
+                record.subscription,
+                errors - errors_before
+            ));
+        }
+        let lag = ctx
+            .slot_watch
+            .observe(&record.slot, &slot)
+            .ok_or_else(|| format!("the slot's position cannot be read ({:?})", slot.current_lsn))?;
+        let silent = lag.bytes > 0 && slot.reply_age_seconds.is_some_and(|age| age > reply_bound);
+        let keeps_up = state == State::Streaming && slot.active && lag.measured && lag.seconds <= bound && !silent;
+        let described = describe_lag(&lag, &slot, state);
+        if keeps_up {
+            return Ok(format!("{described} (bound {bound:.3} s)"));
         }
         if Instant::now() >= until.deadline {
             return Err(format!(
-                "the lag did not come under {:?} within {:?} (lag {:.3} s, {} bytes; subscription {}); nothing was fenced",
-                options.max_lag,
-                options.timeout,
-                slot.lag_seconds,
-                slot.lag_bytes,
-                state.name()
+                "the lag did not come under {:?} within {:?}: {described}; nothing was fenced",
+                options.max_lag, options.timeout
             ));
         }
         until.poll().await?;
     }
+}
+
+/// The subscriber's lag as the gate sees it, in one phrase.
+fn describe_lag(lag: &crate::slot_watch::Lag, slot: &wire::SlotStatusResponse, state: State) -> String {
+    let behind = if lag.measured {
+        format!("{:.3} s behind", lag.seconds)
+    } else {
+        format!(
+            "at least {:.3} s behind (the controller has not seen the source where the subscriber is)",
+            lag.seconds
+        )
+    };
+    let reply = match slot.reply_age_seconds {
+        Some(age) => format!("; its last report {age:.1} s ago"),
+        None => String::new(),
+    };
+    let state = match (state, slot.active) {
+        (State::Streaming, true) => String::new(),
+        (State::Streaming, false) => "; no walsender serves the slot".to_owned(),
+        (other, _) => format!(
+            "; subscription {}",
+            if other.name().is_empty() {
+                "missing"
+            } else {
+                other.name()
+            }
+        ),
+    };
+    format!("{behind}, {} bytes{reply}{state}", lag.bytes)
 }
 
 /// Fence, catch up, sequences, seal, detach. On error before the point of
@@ -260,8 +321,10 @@ async fn fence_and_switch(
         migration: record.id.clone(),
         tables: record.publication_tables.iter().cloned().map(name_to_wire).collect(),
         lock_timeout_ms: until.remaining().as_millis().max(1) as u64,
-        // The agent lifts a fence the controller forgot (it died, hung).
-        max_hold_ms: (until.remaining() + Duration::from_secs(30)).as_millis() as u64,
+        table_lock_timeout_ms: FENCE_TABLE_LOCK_TIMEOUT.as_millis() as u64,
+        // The agent lifts a fence the controller forgot (it died, hung),
+        // and the source's server one whose agent is cut off.
+        max_hold_ms: (until.remaining() + FENCE_HOLD_MARGIN).as_millis() as u64,
     };
     let _ = commands
         .send(wire::FenceCommand {
@@ -274,16 +337,19 @@ async fn fence_and_switch(
         .await
         .map_err(|s| s.message().to_owned())?
         .into_inner();
-    let fence_lsn = match events.message().await {
+    let (fence_lsn, attempts) = match events.message().await {
         Ok(Some(wire::FenceEvent {
             event: Some(Event::Held(held)),
-        })) => held.lsn,
+        })) => (held.lsn, held.attempts),
         Ok(_) => return Err("the agent ended the fence before holding it".to_owned()),
         Err(status) => return Err(status.message().to_owned()),
     };
     let fenced_at = Instant::now();
     steps.report.fence_lsn = fence_lsn.clone();
-    steps.done("fence", format!("writes wait from {fence_lsn}"));
+    steps.done(
+        "fence",
+        format!("writes wait from {fence_lsn} (locks taken at attempt {attempts})"),
+    );
     crash_point!(fp::CUTOVER_FENCED);
 
     let before_seal = async {

@@ -20,12 +20,12 @@ pub mod snapshot;
 pub mod subscribe;
 pub mod teardown;
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use walbridge_migration::fault::{Fault, FaultKind, Policy};
 
-use crate::migration::state::Waiting;
+use crate::migration::state::{LinkCheck, Waiting};
 use crate::migration::{Context, MigrationRecord};
 use crate::registry::AgentClient;
 
@@ -61,69 +61,140 @@ pub fn backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// The migration's agent, waited for without limit (status shows since
-/// when, and for which phase), and checked to still reach the source the
-/// migration started on.
-pub async fn agent(ctx: &Context, record: &MigrationRecord) -> Result<AgentClient, StepError> {
-    let mut announced = false;
-    let connected = loop {
-        if let Some(agent) = ctx.registry.get(&record.agent) {
-            break agent;
+/// Why the migration's agent cannot be used right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not connected.
+    Away(String),
+    /// Connected, but it reaches another source than the one pinned at
+    /// `start`: it is never used for this migration (not for a step, not
+    /// for the tunnel, not to drop what the migration made).
+    OtherSource(String),
+    /// Connected, but it did not answer, or cannot reach its source.
+    Unanswered(Fault),
+}
+
+impl Refusal {
+    pub fn fault(&self) -> Fault {
+        match self {
+            Refusal::Away(message) => Fault::new(FaultKind::AgentAway, message.clone()),
+            Refusal::OtherSource(message) => Fault::new(FaultKind::SourceChanged, message.clone()),
+            Refusal::Unanswered(fault) => fault.clone(),
         }
-        if !announced {
-            tracing::warn!(agent = %record.agent, phase = record.phase.name(), "waiting for the migration's agent to connect");
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Away(message) | Refusal::OtherSource(message) => f.write_str(message),
+            Refusal::Unanswered(fault) => write!(f, "{fault}"),
+        }
+    }
+}
+
+/// A link's source is checked again after this long: a server can change
+/// under the same address (a failover behind a DNS name) without the
+/// agent's link breaking.
+const IDENTITY_RECHECK: Duration = Duration::from_secs(30);
+
+/// The migration's agent, if it is connected now and reaches the source
+/// the migration started on (asked once per link, and again every
+/// [`IDENTITY_RECHECK`]). Every use of the migration's agent goes through
+/// here: steps, status, the slot watch, cutover, teardown, the tunnel.
+pub async fn verified_agent(ctx: &Context, record: &MigrationRecord) -> Result<AgentClient, Refusal> {
+    let Some(connected) = ctx.registry.get(&record.agent) else {
+        return Err(Refusal::Away(format!("agent {} is not connected", record.agent)));
+    };
+    let Some(pinned) = &record.source else {
+        return Ok(connected.client);
+    };
+    if let Some(check) = ctx.state.link_check(connected.link_id, IDENTITY_RECHECK) {
+        return match check.refusal {
+            None => Ok(connected.client),
+            Some(refusal) => Err(Refusal::OtherSource(refusal)),
+        };
+    }
+    let hello = crate::link::hello(&connected.client).await.map_err(|e| {
+        Refusal::Unanswered(Fault::new(
+            FaultKind::AgentAway,
+            format!("agent {} did not answer: {e}", record.agent),
+        ))
+    })?;
+    let source = hello.source.unwrap_or_default();
+    if !source.reachable {
+        return Err(Refusal::Unanswered(Fault::new(
+            FaultKind::SourceUnavailable,
+            format!("agent {} cannot reach the source: {}", record.agent, source.error),
+        )));
+    }
+    let refusal =
+        (source.system_identifier != pinned.system_identifier || source.database != pinned.database).then(|| {
+            format!(
+                "agent {} now reaches database {} of system {}, but migration {} started on database {} of system {} \
+                 (a re-pointed agent, a restore, or a failover to another cluster): it is refused for this \
+                 migration — point it back at that server, or `walbridge abort --force`",
+                record.agent,
+                source.database,
+                source.system_identifier,
+                record.id,
+                pinned.database,
+                pinned.system_identifier
+            )
+        });
+    if let Some(refusal) = &refusal {
+        tracing::error!(agent = %record.agent, migration = %record.id, "{refusal}");
+    }
+    ctx.state.set_link_check(LinkCheck {
+        link_id: connected.link_id,
+        at: Instant::now(),
+        refusal: refusal.clone(),
+    });
+    match refusal {
+        None => Ok(connected.client),
+        Some(refusal) => Err(Refusal::OtherSource(refusal)),
+    }
+}
+
+/// The migration's agent, waited for without limit while it is away or
+/// reaches another source (status shows since when, why, and for which
+/// phase); a fault only when it is connected but cannot answer.
+pub async fn agent(ctx: &Context, record: &MigrationRecord) -> Result<AgentClient, StepError> {
+    let mut announced: Option<String> = None;
+    loop {
+        let refusal = match verified_agent(ctx, record).await {
+            Ok(agent) => {
+                if announced.is_some() {
+                    ctx.state.set_waiting(None);
+                }
+                return Ok(agent);
+            }
+            Err(Refusal::Unanswered(fault)) => {
+                if announced.is_some() {
+                    ctx.state.set_waiting(None);
+                }
+                return Err(fault.into());
+            }
+            Err(Refusal::Away(why) | Refusal::OtherSource(why)) => why,
+        };
+        if announced.as_deref() != Some(refusal.as_str()) {
+            tracing::warn!(agent = %record.agent, phase = record.phase.name(), reason = %refusal, "waiting for the migration's agent");
+            let since = ctx.state.waiting().map_or_else(SystemTime::now, |w| w.since);
             ctx.state.set_waiting(Some(Waiting {
                 agent: record.agent.clone(),
-                since: SystemTime::now(),
+                since,
                 phase: record.phase.name(),
+                reason: refusal.clone(),
             }));
-            announced = true;
+            announced = Some(refusal);
         }
         tokio::select! {
             _ = ctx.registry.changed() => {}
-            // Also wakes a wait that missed the notification.
+            // Also wakes a wait that missed the notification, and checks
+            // a refused link again once its check is due.
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-    };
-    if announced {
-        ctx.state.set_waiting(None);
     }
-    if let Some(pinned) = &record.source
-        && !ctx.state.is_verified_link(connected.link_id)
-    {
-        let hello = crate::link::hello(&connected.client).await.map_err(|e| {
-            Fault::new(
-                FaultKind::AgentAway,
-                format!("agent {} did not answer: {e}", record.agent),
-            )
-        })?;
-        let source = hello.source.unwrap_or_default();
-        if !source.reachable {
-            return Err(Fault::new(
-                FaultKind::SourceUnavailable,
-                format!("agent {} cannot reach the source: {}", record.agent, source.error),
-            )
-            .into());
-        }
-        if source.system_identifier != pinned.system_identifier || source.database != pinned.database {
-            return Err(Fault::new(
-                FaultKind::SourceChanged,
-                format!(
-                    "agent {} now reaches database {} of system {}, but migration {} started on database {} of \
-                     system {}: it is refused for this migration",
-                    record.agent,
-                    source.database,
-                    source.system_identifier,
-                    record.id,
-                    pinned.database,
-                    pinned.system_identifier
-                ),
-            )
-            .into());
-        }
-        ctx.state.set_verified_link(connected.link_id);
-    }
-    Ok(connected.client)
 }
 
 /// Runs `unit`, which needs no agent, until it succeeds, retrying

@@ -34,6 +34,7 @@ pub async fn run(ctx: &Context, agent: &AgentClient, record: &mut MigrationRecor
             slot: record.slot.clone(),
             publication: record.publication.clone(),
             tables: record.publication_tables.iter().cloned().map(name_to_wire).collect(),
+            deadline_ms: ctx.settings.snapshot_create_timeout.as_millis() as u64,
         })
         .await
         .map_err(|s| crate::fault::agent("cannot create the slot and its snapshot", &s))?

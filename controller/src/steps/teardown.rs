@@ -26,6 +26,8 @@ pub struct Removed {
     pub remaining: Vec<String>,
     /// Could not be removed now (retry).
     pub problems: Vec<String>,
+    /// With the agent gone: the SQL that removes what remains on the source.
+    pub source_sql: Vec<String>,
 }
 
 /// Releases everything a migration holds for replication on the source:
@@ -98,14 +100,16 @@ pub async fn release_replication(agent: &AgentClient, record: &MigrationRecord) 
 /// (it blocks vacuum), the slots (they retain WAL), the publication and the
 /// role go. Says what was done, as the failure's event.
 pub async fn after_failure(ctx: &Context, record: &MigrationRecord) -> String {
-    let Some(agent) = ctx.registry.get(&record.agent) else {
-        return format!(
-            "agent {} is not connected: its snapshot dies with its link, but these remain on the source: {}",
-            record.agent,
-            source_leftovers(record).join(" ")
-        );
+    let agent = match super::verified_agent(ctx, record).await {
+        Ok(agent) => agent,
+        Err(refusal) => {
+            return format!(
+                "{refusal}: nothing was removed through it, and these remain on the source: {}",
+                source_leftovers(record).join(" ")
+            );
+        }
     };
-    let released = release_replication(&agent.client, record).await;
+    let released = release_replication(&agent, record).await;
     if released.problems.is_empty() {
         format!(
             "after the failure, slot {} and publication {} were dropped from the source; the target keeps \
@@ -172,14 +176,19 @@ pub async fn remove_everything(
     phase: Phase,
     force: bool,
 ) -> Result<Removed, StepError> {
-    let agent = ctx.registry.get(&record.agent).map(|a| a.client);
+    // An agent that now reaches another source is as good as gone: what
+    // the migration made is not on the server it reaches.
+    let (agent, gone) = match super::verified_agent(ctx, record).await {
+        Ok(agent) => (Some(agent), String::new()),
+        Err(refusal) => (None, refusal.to_string()),
+    };
     if agent.is_none() && !force {
         return Err(Fault::new(
             FaultKind::AgentAway,
             format!(
-                "agent {} is not connected, and the source's objects are removed through it: start it, or \
-                 `walbridge abort --force` to remove what is on the target and print what remains on the source",
-                record.agent
+                "{gone}, and the source's objects are removed through the agent: start it (pointed at the \
+                 migration's source), or `walbridge abort --force` to remove what is on the target and print what \
+                 remains on the source"
             ),
         )
         .into());
@@ -215,11 +224,13 @@ pub async fn remove_everything(
             }
             record.fence_sealed = false;
         }
-        None => outcome.remaining.extend(
-            source_leftovers(record)
-                .into_iter()
-                .map(|sql| format!("on the source (agent {} is gone): {sql}", record.agent)),
-        ),
+        None => {
+            let sql = source_leftovers(record);
+            outcome
+                .remaining
+                .extend(sql.iter().map(|sql| format!("on the source ({gone}): {sql}")));
+            outcome.source_sql = sql;
+        }
     }
     if let Some(snapshot) = record.snapshot.as_mut() {
         snapshot.released = true;

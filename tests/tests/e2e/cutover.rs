@@ -12,7 +12,7 @@ use harness::daemons::eventually;
 
 use crate::support::{DATABASE, Migration, Session, stall_the_target};
 
-const STREAM_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const STREAM_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub(crate) const SCHEMA: &str = "\
     CREATE TABLE orders (id bigserial PRIMARY KEY, amount int NOT NULL, note text); \
@@ -119,7 +119,7 @@ pub(crate) fn assert_acknowledged_on_target(m: &Migration, acked: &Acknowledged)
     );
 }
 
-fn start_streaming(m: &Migration) {
+pub(crate) fn start_streaming(m: &Migration) {
     let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json"]);
     assert_eq!(code, Some(0), "start: {stderr} {status}");
     assert_eq!(status["phase"], "streaming", "{status}");
@@ -131,14 +131,14 @@ fn start_streaming(m: &Migration) {
 }
 
 /// A write on the source that does not wait long for a lock.
-fn source_accepts_writes(m: &Migration) -> Result<String, String> {
+pub(crate) fn source_accepts_writes(m: &Migration) -> Result<String, String> {
     m.source.try_psql(
         DATABASE,
         "SET lock_timeout = '5s'; INSERT INTO orders (amount) VALUES (-1) RETURNING id",
     )
 }
 
-fn fence_triggers(m: &Migration) -> String {
+pub(crate) fn fence_triggers(m: &Migration) -> String {
     m.source.psql(
         DATABASE,
         "SELECT count(*) FROM pg_trigger WHERE tgname = 'walbridge_fence'",
@@ -297,7 +297,7 @@ fn kill_9_of_the_agent_holding_the_fence_fails_the_cutover_and_frees_the_source(
     start_streaming(&m);
     let stall = stall_the_target(&m);
 
-    let cutover = cutover_holding_the_fence(&m);
+    let cutover = cutover_holding_the_fence(&m, "60s");
     m.agent.kill();
 
     let out = cutover.wait_with_output().unwrap();
@@ -317,7 +317,7 @@ fn kill_9_of_the_agent_holding_the_fence_fails_the_cutover_and_frees_the_source(
 
 /// Starts `walbridge cutover` in the background and waits until the agent
 /// holds the fence (its locks are granted on the source).
-fn cutover_holding_the_fence(m: &Migration) -> std::process::Child {
+pub(crate) fn cutover_holding_the_fence(m: &Migration, timeout: &str) -> std::process::Child {
     let cutover = std::process::Command::new(harness::daemons::binary(harness::daemons::CLI))
         .args([
             "--api",
@@ -326,7 +326,7 @@ fn cutover_holding_the_fence(m: &Migration) -> std::process::Child {
             "--max-lag",
             "1h",
             "--timeout",
-            "60s",
+            timeout,
             "--json",
         ])
         .stdout(std::process::Stdio::piped())
@@ -350,7 +350,7 @@ fn kill_9_of_the_controller_mid_cutover_lifts_the_fence_and_streaming_resumes() 
     let mut m = Migration::new(source, SCHEMA);
     start_streaming(&m);
     let stall = stall_the_target(&m);
-    let cutover = cutover_holding_the_fence(&m);
+    let cutover = cutover_holding_the_fence(&m, "60s");
     m.controller.kill();
     let _ = cutover.wait_with_output();
     // The fence's stream died with the controller: the agent rolled it back.

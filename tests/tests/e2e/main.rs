@@ -5,6 +5,7 @@
 mod application;
 mod crash;
 mod cutover;
+mod cutover_safety;
 mod demo;
 mod deploy;
 mod faults;
