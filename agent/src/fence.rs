@@ -26,7 +26,7 @@ use walbridge_daemon::crash_point;
 use walbridge_daemon::pg::Database;
 use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, FaultKind};
-use walbridge_migration::ident::{QualifiedName, quote_literal};
+use walbridge_migration::ident::{QualifiedName, quote_ident, quote_literal};
 use walbridge_proto::convert::name_from_wire;
 use walbridge_proto::v1 as wire;
 use wire::fence_command::Command;
@@ -35,10 +35,8 @@ use wire::fence_event::Event;
 use walbridge_daemon::pg::describe;
 
 pub const APPLICATION_NAME: &str = "walbridge-agent-fence";
-/// The schema that holds the fence's trigger function.
-pub const SCHEMA: &str = "walbridge_fence";
-/// The name of the fence's trigger on each table.
-pub const TRIGGER: &str = "walbridge_fence";
+use walbridge_migration::fence::{RELEASE_SQL, ROLES_TABLE, SEQUENCES_TABLE};
+pub use walbridge_migration::fence::{SCHEMA, TRIGGER};
 
 /// How long one attempt waits for any one table's lock when the
 /// controller does not say: writers on the tables already locked wait at
@@ -98,7 +96,7 @@ pub async fn run(source: Database, mut commands: Streaming<wire::FenceCommand>, 
     };
     let limits = Limits::of(&hold, Instant::now());
     let tables = lock_order(hold.tables.into_iter().map(name_from_wire).collect());
-    let client = match take(&source, &tables, limits).await {
+    let client = match take(&source, &tables, &hold.nologin_roles, limits).await {
         Ok(Taken { client, lsn, attempts }) => {
             tracing::warn!(migration = %hold.migration, tables = tables.len(), %lsn, attempts, "writes on the source are fenced");
             send(&events, Event::Held(wire::FenceHeld { lsn, attempts })).await;
@@ -114,11 +112,24 @@ pub async fn run(source: Database, mut commands: Streaming<wire::FenceCommand>, 
     match next {
         Ok(Ok(Some(wire::FenceCommand {
             command: Some(Command::Seal(_)),
-        }))) => match seal(&client, &tables).await {
-            Ok(()) => {
+        }))) => match seal(&client, &tables, &hold.nologin_roles, limits.table_lock_timeout).await {
+            Ok(sealed) => {
                 crash_point!(fp::AGENT_FENCE_SEALED);
-                tracing::warn!(migration = %hold.migration, "the source's write fence is sealed: writes fail until it is released");
-                send(&events, Event::Sealed(wire::FenceSealed {})).await;
+                tracing::warn!(
+                    migration = %hold.migration,
+                    tables = sealed.tables,
+                    sequences = sealed.sequences,
+                    roles = sealed.roles,
+                    notes = ?sealed.notes,
+                    "the source's write fence is sealed: writes fail until it is released"
+                );
+                let sealed = wire::FenceSealed {
+                    tables: sealed.tables,
+                    sequences: sealed.sequences,
+                    roles: sealed.roles,
+                    notes: sealed.notes,
+                };
+                send(&events, Event::Sealed(sealed)).await;
             }
             Err(e) => {
                 let _ = events
@@ -182,11 +193,17 @@ struct Taken {
 
 /// Takes the locks and returns the WAL position behind which every
 /// committed write on these tables lies.
-async fn take(source: &Database, tables: &[QualifiedName], limits: Limits) -> Result<Taken, Status> {
+async fn take(
+    source: &Database,
+    tables: &[QualifiedName],
+    nologin_roles: &[String],
+    limits: Limits,
+) -> Result<Taken, Status> {
     let client = source
         .connect(APPLICATION_NAME)
         .await
         .map_err(|e| crate::fault::connect_status(&e))?;
+    check_nologin_roles(&client, nologin_roles).await?;
     let list: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
     let mut pauses = pauses();
     let mut attempts = 0;
@@ -332,41 +349,240 @@ async fn lock_holders(client: &Client, tables: &[QualifiedName]) -> Result<Vec<S
         .collect())
 }
 
-/// Installs the refusing triggers on the tables and their partitions and
-/// commits: the locks go, the triggers stay.
-async fn seal(client: &Client, tables: &[QualifiedName]) -> Result<(), tokio_postgres::Error> {
-    let names: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
+/// What a committed seal covers.
+struct Sealed {
+    tables: u32,
+    sequences: u32,
+    roles: u32,
+    /// What it could not do, each naming the object and why.
+    notes: Vec<String>,
+}
+
+/// Seals the fence and commits: a trigger that refuses writes (TRUNCATE
+/// too) on every table of the database, firing for every session
+/// (`ENABLE ALWAYS`, so `session_replication_role = replica` does not pass
+/// it) where the role owns the table; with `nologin_roles`, those roles
+/// made NOLOGIN; the sequences recorded to be set to their limit once it
+/// has committed. The published tables (and their partitions) must all be
+/// sealed; another table that cannot be (no TRIGGER privilege, a lock that
+/// does not come within `lock_wait`) is named in the notes, not an error.
+async fn seal(
+    client: &Client,
+    published: &[QualifiedName],
+    nologin_roles: &[String],
+    lock_wait: Duration,
+) -> Result<Sealed, tokio_postgres::Error> {
+    let names: Vec<String> = published.iter().map(QualifiedName::quoted).collect();
+    // Every table of the database, the published ones (with their
+    // partitions) first; walbridge's own schemas and temporary tables
+    // are not the application's.
     let rows = client
         .query(
-            "WITH RECURSIVE fenced(oid) AS ( \
+            "WITH RECURSIVE published(oid) AS ( \
                SELECT unnest($1::text[])::regclass::oid \
-               UNION SELECT i.inhrelid FROM pg_inherits i JOIN fenced f ON i.inhparent = f.oid) \
-             SELECT format('%I.%I', n.nspname, c.relname) FROM fenced f \
-             JOIN pg_class c ON c.oid = f.oid JOIN pg_namespace n ON n.oid = c.relnamespace",
-            &[&names],
+               UNION SELECT i.inhrelid FROM pg_inherits i JOIN published p ON i.inhparent = p.oid) \
+             SELECT format('%I.%I', n.nspname, c.relname), c.oid IN (SELECT oid FROM published), \
+                    has_table_privilege(c.oid, 'TRIGGER'), pg_has_role(c.relowner, 'USAGE') \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', $2, 'walbridge_state') \
+               AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%' \
+             ORDER BY 2 DESC, 1",
+            &[&names, &SCHEMA],
         )
         .await?;
+    let mut notes = Vec::new();
+    let mut origin_only = Vec::new();
     let mut script = format!(
         "CREATE SCHEMA IF NOT EXISTS {SCHEMA}; \
          CREATE OR REPLACE FUNCTION {SCHEMA}.refuse_write() RETURNS trigger LANGUAGE plpgsql AS $fence$ \
          BEGIN RAISE EXCEPTION 'writes to %.% are fenced: this database was migrated by walbridge', \
          TG_TABLE_SCHEMA, TG_TABLE_NAME USING ERRCODE = 'read_only_sql_transaction', \
-         HINT = 'walbridge release-source (or cleanup) lifts the fence'; END $fence$;"
+         HINT = 'walbridge release-source lifts the fence'; END $fence$; \
+         CREATE TABLE IF NOT EXISTS {SEQUENCES_TABLE} (name text PRIMARY KEY, value bigint NOT NULL, \
+           is_called boolean NOT NULL); \
+         CREATE TABLE IF NOT EXISTS {ROLES_TABLE} (name text PRIMARY KEY);"
     );
-    for row in rows {
-        let table: String = row.get(0);
-        script.push_str(&format!(
-            " DROP TRIGGER IF EXISTS {TRIGGER} ON {table}; \
+    let trigger = |table: &str, owned: bool| {
+        let mut sql = format!(
+            "DROP TRIGGER IF EXISTS {TRIGGER} ON {table}; \
              CREATE TRIGGER {TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table} \
              FOR EACH STATEMENT EXECUTE PROCEDURE {SCHEMA}.refuse_write();"
+        );
+        if owned {
+            sql.push_str(&format!(" ALTER TABLE ONLY {table} ENABLE ALWAYS TRIGGER {TRIGGER};"));
+        }
+        sql
+    };
+    let mut others = Vec::new();
+    for row in &rows {
+        let (table, is_published, may_trigger, owned): (String, bool, bool, bool) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        if !owned && may_trigger {
+            origin_only.push(table.clone());
+        }
+        if is_published {
+            // Already locked by the hold; without the privilege this fails,
+            // and so does the seal (preflight checked it).
+            script.push_str(&trigger(&table, owned));
+        } else if may_trigger {
+            others.push((table, owned));
+        } else {
+            notes.push(format!(
+                "{table} is not fenced: the role has no TRIGGER privilege on it"
+            ));
+        }
+    }
+    client.batch_execute(&script).await?;
+    let mut tables = rows.len() as u32 - notes.len() as u32;
+    // Not locked by the hold: a table whose lock does not come soon is
+    // named, not waited for with every write held.
+    client
+        .batch_execute(&format!("SET LOCAL lock_timeout = {}", lock_wait.as_millis().max(1)))
+        .await?;
+    for (table, owned) in others {
+        let attempt = format!("SAVEPOINT walbridge_fence_table; {}", trigger(&table, owned));
+        match client.batch_execute(&attempt).await {
+            Ok(()) => client.batch_execute("RELEASE SAVEPOINT walbridge_fence_table").await?,
+            Err(e) => {
+                client
+                    .batch_execute("ROLLBACK TO SAVEPOINT walbridge_fence_table")
+                    .await?;
+                tables -= 1;
+                notes.push(format!("{table} is not fenced: {}", describe(&e)));
+            }
+        }
+    }
+    if !origin_only.is_empty() {
+        notes.push(format!(
+            "the role does not own {}: their fence fires for ordinary sessions, not for those with \
+             session_replication_role = replica",
+            origin_only.join(", ")
         ));
     }
-    script.push_str(" COMMIT");
-    client.batch_execute(&script).await
+    let mut roles = 0;
+    for role in nologin_roles {
+        let could_login = client
+            .execute(
+                &format!(
+                    "INSERT INTO {ROLES_TABLE} SELECT rolname FROM pg_roles WHERE rolname = $1 AND rolcanlogin \
+                     ON CONFLICT DO NOTHING"
+                ),
+                &[role],
+            )
+            .await?;
+        client
+            .batch_execute(&format!("ALTER ROLE {} NOLOGIN", quote_ident(role)))
+            .await?;
+        roles += could_login as u32;
+    }
+    // Recorded now, moved after the commit: setval is not transactional,
+    // and a seal that rolls back must leave the sequences as they were.
+    // The first seal's values stay if a seal is repeated.
+    let sequences = client
+        .execute(
+            &format!(
+                "INSERT INTO {SEQUENCES_TABLE} (name, value, is_called) \
+                 SELECT format('%I.%I', schemaname, sequencename), coalesce(last_value, start_value), \
+                        last_value IS NOT NULL \
+                 FROM pg_sequences \
+                 WHERE NOT cycle AND has_sequence_privilege(format('%I.%I', schemaname, sequencename), \
+                                                            'SELECT, UPDATE') \
+                 ON CONFLICT DO NOTHING"
+            ),
+            &[],
+        )
+        .await? as u32;
+    client.batch_execute("COMMIT").await?;
+
+    // Sealed. What follows makes stray use fail sooner; its failure is a
+    // note (release-source puts back whatever it did).
+    let moved = client
+        .query_one(
+            &format!(
+                "SELECT count(setval(s.name::regclass, CASE WHEN q.increment_by > 0 THEN q.max_value \
+                                                          ELSE q.min_value END)) \
+                 FROM {SEQUENCES_TABLE} s \
+                 JOIN pg_sequences q ON format('%I.%I', q.schemaname, q.sequencename) = s.name"
+            ),
+            &[],
+        )
+        .await;
+    let sequences = match moved {
+        Ok(row) => row.get::<_, i64>(0) as u32,
+        Err(e) => {
+            notes.push(format!(
+                "the source's sequences were not moved to their limit: {}",
+                describe(&e)
+            ));
+            0
+        }
+    }
+    .min(sequences);
+    if !nologin_roles.is_empty() {
+        let ended = client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE usename = ANY($1) AND pid <> pg_backend_pid()",
+                &[&nologin_roles],
+            )
+            .await;
+        if let Err(e) = ended {
+            notes.push(format!(
+                "the sessions of {} could not be ended: {}",
+                nologin_roles.join(", "),
+                describe(&e)
+            ));
+        }
+    }
+    Ok(Sealed {
+        tables,
+        sequences,
+        roles,
+        notes,
+    })
 }
 
-/// Removes a sealed fence; returns on how many tables it was.
-pub async fn release(source: &Database) -> Result<u32, Status> {
+/// The roles of a hard fence exist and are not the agent's own: a fence
+/// that locked walbridge out could never be lifted.
+async fn check_nologin_roles(client: &Client, roles: &[String]) -> Result<(), Status> {
+    if roles.is_empty() {
+        return Ok(());
+    }
+    let rows = client
+        .query(
+            "SELECT r.name, p.rolname IS NOT NULL, \
+                    r.name IN (current_user, session_user) OR r.name LIKE 'walbridge\\_%' \
+             FROM unnest($1::text[]) AS r(name) LEFT JOIN pg_roles p ON p.rolname = r.name",
+            &[&roles],
+        )
+        .await
+        .map_err(|e| crate::fault::source_status("cannot read the hard fence's roles", &e))?;
+    for row in rows {
+        let (name, exists, ours): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        if !exists {
+            return Err(Status::invalid_argument(format!(
+                "--hard-fence: role {name} does not exist on the source"
+            )));
+        }
+        if ours {
+            return Err(Status::invalid_argument(format!(
+                "--hard-fence: role {name} is walbridge's own (the agent or the subscription logs in with it)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a release removed.
+pub struct Released {
+    pub tables: u32,
+    pub sequences: u32,
+    pub roles: u32,
+}
+
+/// Removes a sealed fence and puts back what it changed.
+pub async fn release(source: &Database) -> Result<Released, Status> {
     let client = source
         .connect(APPLICATION_NAME)
         .await
@@ -382,14 +598,28 @@ pub async fn release(source: &Database) -> Result<u32, Status> {
         .await
         .map_err(fail)?
         .get(0);
-    // CASCADE takes the triggers with the function; the schema is ours.
-    client
-        .batch_execute(&format!(
-            "DROP FUNCTION IF EXISTS {SCHEMA}.refuse_write() CASCADE; DROP SCHEMA IF EXISTS {SCHEMA}"
-        ))
-        .await
-        .map_err(fail)?;
-    Ok(tables as u32)
+    // A fence sealed by an older agent has no record of these.
+    let mut recorded = [0_i64; 2];
+    for (count, table) in recorded.iter_mut().zip([SEQUENCES_TABLE, ROLES_TABLE]) {
+        let exists = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+            .await
+            .map_err(fail)?
+            .get(0);
+        if exists {
+            *count = client
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .map_err(fail)?
+                .get(0);
+        }
+    }
+    client.batch_execute(RELEASE_SQL).await.map_err(fail)?;
+    Ok(Released {
+        tables: tables as u32,
+        sequences: recorded[0] as u32,
+        roles: recorded[1] as u32,
+    })
 }
 
 #[cfg(test)]

@@ -593,11 +593,21 @@ impl AgentService for Agent {
         request: Request<wire::ReleaseFenceRequest>,
     ) -> Result<Response<wire::ReleaseFenceResponse>, Status> {
         let span = self.span("release_fence", &request);
-        let tables = crate::fence::release(&self.state.source).instrument(span).await?;
-        if tables > 0 {
-            tracing::warn!(migration = %request.get_ref().migration, tables, "the write fence is released: the source accepts writes");
+        let released = crate::fence::release(&self.state.source).instrument(span).await?;
+        if released.tables > 0 {
+            tracing::warn!(
+                migration = %request.get_ref().migration,
+                tables = released.tables,
+                sequences = released.sequences,
+                roles = released.roles,
+                "the write fence is released: the source accepts writes"
+            );
         }
-        Ok(Response::new(wire::ReleaseFenceResponse { tables }))
+        Ok(Response::new(wire::ReleaseFenceResponse {
+            tables: released.tables,
+            sequences: released.sequences,
+            roles: released.roles,
+        }))
     }
 }
 

@@ -257,6 +257,7 @@ async fn drive(source: &Cluster, api: &ApiAddress) -> Result<(), Failure> {
             max_lag_seconds: 1.0,
             timeout_seconds: 60.0,
             dry_run: false,
+            hard_fence_roles: Vec::new(),
         })
         .await
         .map_err(|s| op("cutover", s))?
@@ -279,6 +280,12 @@ async fn drive(source: &Cluster, api: &ApiAddress) -> Result<(), Failure> {
         .cleanup(wire::CleanupRequest {})
         .await
         .map_err(|s| op("cleanup", s))?;
+    // The demo's source is thrown away; a real one stays fenced until the
+    // operator says.
+    let released = client
+        .release_source(wire::ReleaseSourceRequest {})
+        .await
+        .map_err(|s| op("release-source", s))?;
 
     let stopped_by = writes.stopped_by.lock().unwrap_or_else(|p| p.into_inner()).clone();
     println!();
@@ -305,6 +312,10 @@ async fn drive(source: &Cluster, api: &ApiAddress) -> Result<(), Failure> {
     println!(
         "  cleanup                 removed {}",
         cleaned.get_ref().removed.join(", ")
+    );
+    println!(
+        "  release-source          removed {}",
+        released.get_ref().removed.join(", ")
     );
     if exact != verified.tables.len() {
         return Err(Failure::Operation("verification found differences".to_owned()));

@@ -94,7 +94,9 @@ enum Command {
     ///
     /// Any failure or timeout before the subscription is detached lifts the fence, and the
     /// source carries on as before (exit 1). After a cutover the source stays write-protected
-    /// until `release-source` or `cleanup`.
+    /// until `release-source`: every table of the database refuses writes (for every session,
+    /// `session_replication_role = replica` too, where walbridge's role owns the table), and its
+    /// sequences stand at their limit so a stray nextval() fails.
     Cutover {
         /// Lag to wait for before fencing (e.g. 500ms, 2s).
         #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -105,6 +107,11 @@ enum Command {
         /// Check lag and sequences; fence nothing, change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Hard fence: make ROLE NOLOGIN at the seal and end its sessions, for writers that
+        /// bypass triggers (superusers, other replication tools). Repeatable; `release-source`
+        /// lets the roles log in again.
+        #[arg(long, value_name = "ROLE")]
+        hard_fence: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -122,6 +129,9 @@ enum Command {
         json: bool,
     },
     /// Lift the write fence a cutover left on the source.
+    ///
+    /// Removes the triggers, sets the sequences back where the seal found them and lets the
+    /// hard fence's roles log in again. `cleanup` leaves the fence in place: only this lifts it.
     ReleaseSource {
         #[arg(long)]
         json: bool,
@@ -137,9 +147,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// After cutover: drop the subscription, slot, publication, leaked replication origins and the fence.
+    /// After cutover: drop the subscription, slot, publication and leaked replication origins.
     ///
-    /// Safe to run twice.
+    /// The source's write fence stays, so nothing writes there by mistake: `release-source`
+    /// lifts it. Safe to run twice.
     Cleanup {
         #[arg(long)]
         json: bool,
@@ -332,12 +343,14 @@ fn main() -> ExitCode {
             max_lag,
             timeout,
             dry_run,
+            hard_fence,
             json,
         } => with_controller(&matches, |address| async move {
             let options = migrate::CutoverOptions {
                 max_lag,
                 timeout,
                 dry_run,
+                hard_fence,
                 json,
             };
             migrate::cutover(&address, options).await

@@ -576,6 +576,7 @@ pub struct CutoverOptions {
     pub max_lag: std::time::Duration,
     pub timeout: std::time::Duration,
     pub dry_run: bool,
+    pub hard_fence: Vec<String>,
     pub json: bool,
 }
 
@@ -585,6 +586,7 @@ pub async fn cutover(address: &ApiAddress, options: CutoverOptions) -> Result<()
         max_lag_seconds: options.max_lag.as_secs_f64(),
         timeout_seconds: options.timeout.as_secs_f64(),
         dry_run: options.dry_run,
+        hard_fence_roles: options.hard_fence.clone(),
     };
     let mut call = {
         let mut client = client.clone();

@@ -132,6 +132,7 @@ impl ControllerApi for Api {
             max_lag: seconds(request.max_lag_seconds, "--max-lag")?,
             timeout: seconds(request.timeout_seconds, "--timeout")?,
             dry_run: request.dry_run,
+            hard_fence_roles: request.hard_fence_roles,
         };
         let report = self.runner.cutover(options).await.map_err(status_of)?;
         Ok(Response::new(cutover::report_to_wire(&report)))

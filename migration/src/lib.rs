@@ -7,6 +7,7 @@
 //!   between them.
 //! * [`fault`]: what went wrong, classified, and the one policy for it.
 //! * [`failpoint`]: the names of the daemons' crash points.
+//! * [`fence`]: the durable write fence's names and the script that lifts it.
 //! * [`finding`]: what preflight reports.
 //! * [`role_settings`]: `ALTER ROLE/DATABASE ... SET` in force for roles
 //!   whose sessions walbridge does not open (the subscription's).
@@ -21,6 +22,7 @@ pub mod copy;
 pub mod definition;
 pub mod failpoint;
 pub mod fault;
+pub mod fence;
 pub mod finding;
 pub mod ident;
 pub mod lsn;

@@ -46,11 +46,13 @@ const FENCE_HOLD_MARGIN: Duration = Duration::from_secs(5);
 /// bound plus this is not keeping up, whatever its last position says.
 const REPLY_SLACK: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     pub max_lag: Duration,
     pub timeout: Duration,
     pub dry_run: bool,
+    /// Roles the seal makes NOLOGIN (the hard fence).
+    pub hard_fence_roles: Vec<String>,
 }
 
 /// The steps taken so far, each with its duration, shown by `status`
@@ -115,7 +117,7 @@ pub async fn run(
     // connection per question while writes wait.
     let target = target::connect(ctx.target()?, Purpose::Control).await?;
 
-    match wait_for_lag(ctx, &target, agent, &record, options, Until { deadline, stop }).await {
+    match wait_for_lag(ctx, &target, agent, &record, options.clone(), Until { deadline, stop }).await {
         Ok(lag) => steps.done("lag", lag),
         Err(error) => {
             steps.report.error = error;
@@ -143,14 +145,24 @@ pub async fn run(
     record.cutover = None;
     save(ctx, &record).await?;
     crash_point!(fp::CUTOVER_STARTED);
-    let outcome = fence_and_switch(ctx, &target, agent, &mut record, &mut steps, Until { deadline, stop }).await;
+    let until = Until { deadline, stop };
+    let outcome = fence_and_switch(
+        ctx,
+        &target,
+        agent,
+        &mut record,
+        &mut steps,
+        &options.hard_fence_roles,
+        until,
+    )
+    .await;
     match outcome {
         Ok(()) => {
             steps.report.done = true;
             record.phase = Phase::CutOver;
             tracing::warn!(
                 downtime = steps.report.write_downtime_seconds,
-                "cutover done: the target stands alone; the source stays fenced until release-source or cleanup"
+                "cutover done: the target stands alone; the source stays fenced until release-source"
             );
         }
         Err(error) if record.fence_sealed || record.detach.disabled => {
@@ -314,6 +326,7 @@ async fn fence_and_switch(
     agent: &AgentClient,
     record: &mut MigrationRecord,
     steps: &mut Steps<'_>,
+    nologin_roles: &[String],
     until: Until<'_>,
 ) -> Result<(), String> {
     let (commands, command_stream) = mpsc::channel(2);
@@ -325,6 +338,7 @@ async fn fence_and_switch(
         // The agent lifts a fence the controller forgot (it died, hung),
         // and the source's server one whose agent is cut off.
         max_hold_ms: (until.remaining() + FENCE_HOLD_MARGIN).as_millis() as u64,
+        nologin_roles: nologin_roles.to_vec(),
     };
     let _ = commands
         .send(wire::FenceCommand {
@@ -388,17 +402,20 @@ async fn fence_and_switch(
         .await;
     let sealed = match events.message().await {
         Ok(Some(wire::FenceEvent {
-            event: Some(Event::Sealed(_)),
-        })) => Ok(()),
+            event: Some(Event::Sealed(sealed)),
+        })) => Ok(sealed),
         Ok(_) => Err("the agent lifted the fence before it could be sealed".to_owned()),
         Err(status) => Err(status.message().to_owned()),
     };
-    if let Err(error) = sealed {
-        lift(&commands, &mut events).await;
-        roll_back(ctx, target, agent, record).await;
-        return Err(error);
-    }
-    steps.done("seal", "writes on the source now fail, and will after any restart");
+    let sealed = match sealed {
+        Ok(sealed) => sealed,
+        Err(error) => {
+            lift(&commands, &mut events).await;
+            roll_back(ctx, target, agent, record).await;
+            return Err(error);
+        }
+    };
+    steps.done("seal", seal_summary(&sealed, nologin_roles));
     crash_point!(fp::CUTOVER_SEALED);
 
     if let Err(error) = detach(ctx, target, record).await {
@@ -414,6 +431,26 @@ async fn fence_and_switch(
         format!("subscription {} disabled, its slot let go", record.subscription),
     );
     Ok(())
+}
+
+/// What the seal step says it did: writes on the source now fail.
+fn seal_summary(sealed: &wire::FenceSealed, nologin_roles: &[String]) -> String {
+    let mut summary = format!(
+        "writes on the source now fail, and will after any restart: {} tables fenced, {} sequences at their limit",
+        sealed.tables, sealed.sequences
+    );
+    if !nologin_roles.is_empty() {
+        summary.push_str(&format!(
+            ", {} NOLOGIN ({} could log in)",
+            nologin_roles.join(", "),
+            sealed.roles
+        ));
+    }
+    for note in &sealed.notes {
+        summary.push_str("; ");
+        summary.push_str(note);
+    }
+    summary
 }
 
 /// The two statements of the detach, each recorded once done, so that a

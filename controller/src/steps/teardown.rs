@@ -146,10 +146,7 @@ pub fn source_leftovers(record: &MigrationRecord) -> Vec<String> {
         ));
     }
     if record.fence_sealed {
-        sql.push(
-            "DROP FUNCTION IF EXISTS walbridge_fence.refuse_write() CASCADE; DROP SCHEMA IF EXISTS walbridge_fence;"
-                .to_owned(),
-        );
+        sql.push(walbridge_migration::fence::RELEASE_SQL.to_owned());
     }
     sql
 }
@@ -164,7 +161,23 @@ pub async fn release_fence(agent: &AgentClient, record: &MigrationRecord) -> Res
         .await
         .map_err(|s| crate::fault::agent("cannot release the write fence", &s))?
         .into_inner();
-    Ok((released.tables > 0).then(|| format!("the write fence on {} source tables", released.tables)))
+    let mut what = Vec::new();
+    if released.tables > 0 {
+        what.push(format!("the write fence on {} source tables", released.tables));
+    }
+    if released.sequences > 0 {
+        what.push(format!(
+            "{} source sequences set back where the seal found them",
+            released.sequences
+        ));
+    }
+    if released.roles > 0 {
+        what.push(format!(
+            "the hard fence on {} roles (they may log in again)",
+            released.roles
+        ));
+    }
+    Ok((!what.is_empty()).then(|| what.join(", ")))
 }
 
 /// Subscription and walbridge's schema (target); snapshot, slots,
@@ -219,10 +232,20 @@ pub async fn remove_everything(
                 )
                 .into());
             }
-            if let Some(fence) = release_fence(&agent, record).await? {
-                outcome.removed.push(fence);
+            if phase == Phase::CleanedUp && record.fence_sealed {
+                // After a cutover the source must not take writes meant
+                // for the target: only `release-source` lifts the fence.
+                outcome.remaining.push(
+                    "the write fence on the source, kept so that nothing writes there by mistake: \
+                     `walbridge release-source` lifts it"
+                        .to_owned(),
+                );
+            } else {
+                if let Some(fence) = release_fence(&agent, record).await? {
+                    outcome.removed.push(fence);
+                }
+                record.fence_sealed = false;
             }
-            record.fence_sealed = false;
         }
         None => {
             let sql = source_leftovers(record);

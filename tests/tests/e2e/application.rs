@@ -333,3 +333,103 @@ fn large_objects_created_changed_and_deleted_while_streaming_are_exact_after_cut
     assert_eq!(line["matches"], true, "{line}");
     assert_eq!(line["source_rows"], 6, "{line}");
 }
+
+#[test]
+fn a_sealed_source_refuses_every_writer_and_only_release_source_lifts_it() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(
+        source,
+        &format!("{SCHEMA} CREATE TABLE scratch (id int PRIMARY KEY); INSERT INTO scratch VALUES (1);"),
+    );
+    stream(&m, &["--exclude", "public.scratch"]);
+    let app_user = format!(
+        "postgres://app_user:app-user-password@{}:{}/{DATABASE}",
+        m.source.host(),
+        m.source.port()
+    );
+    Session::try_open(&app_user).expect("app_user logs in before the cutover");
+    let sequence_before = m.source.psql(DATABASE, "SELECT last_value FROM orders_id_seq");
+
+    let (code, cutover, stderr) = m.cli_json(&[
+        "cutover",
+        "--max-lag",
+        "2s",
+        "--timeout",
+        "60s",
+        "--hard-fence",
+        "app_user",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "cutover: {stderr} {cutover}");
+    let seal = cutover["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "seal")
+        .unwrap_or_else(|| panic!("no seal step: {cutover}"))["detail"]
+        .to_string();
+    // orders (published) and scratch (not); one sequence; one role.
+    assert!(seal.contains("2 tables fenced, 1 sequences at their limit"), "{seal}");
+    assert!(seal.contains("app_user NOLOGIN (1 could log in)"), "{seal}");
+
+    // Every kind of writer is refused: one that bypasses ordinary
+    // triggers, one on a table the migration left out, a TRUNCATE, a
+    // stray nextval(), the application's role logging in.
+    let writers = [
+        (
+            "SET session_replication_role = replica; INSERT INTO orders (amount) VALUES (1)",
+            "are fenced",
+        ),
+        ("INSERT INTO scratch VALUES (2)", "are fenced"),
+        ("TRUNCATE scratch", "are fenced"),
+        ("SELECT nextval('orders_id_seq')", "reached maximum value"),
+    ];
+    let assert_fenced = |when: &str| {
+        for (sql, refusal) in writers {
+            let error = m
+                .source
+                .try_psql(DATABASE, sql)
+                .expect_err(&format!("{when}: {sql} must be refused"));
+            assert!(error.contains(refusal), "{when}: {sql}: {error}");
+        }
+        let login = Session::try_open(&app_user).err().unwrap_or_default();
+        assert!(login.contains("not permitted to log in"), "{when}: app_user: {login}");
+    };
+    assert_fenced("after the seal");
+
+    let (code, cleaned, stderr) = m.cli_json(&["cleanup", "--json"]);
+    assert_eq!(code, Some(0), "cleanup: {stderr} {cleaned}");
+    assert!(cleaned["remaining"].to_string().contains("release-source"), "{cleaned}");
+    assert_fenced("after cleanup");
+
+    let released = crate::support::release_source(&m);
+    let removed = released["removed"].to_string();
+    for what in [
+        "write fence on 2 source tables",
+        "1 source sequences",
+        "hard fence on 1 roles",
+    ] {
+        assert!(removed.contains(what), "{what} in {removed}");
+    }
+    assert_eq!(
+        m.source
+            .psql(DATABASE, "SELECT nextval('orders_id_seq') - 1")
+            .parse::<i64>()
+            .unwrap(),
+        sequence_before.parse::<i64>().unwrap(),
+        "the sequence goes on from where the seal found it"
+    );
+    for (sql, _) in writers {
+        m.source
+            .try_psql(DATABASE, &format!("BEGIN; {sql}; ROLLBACK"))
+            .unwrap_or_else(|e| panic!("after release-source: {sql}: {e}"));
+    }
+    Session::try_open(&app_user).expect("app_user logs in again");
+    assert_eq!(
+        m.source.psql(
+            DATABASE,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'walbridge_fence'"
+        ),
+        "0"
+    );
+}

@@ -592,6 +592,9 @@ fn a_kill_9_at_every_step_boundary_of_either_daemon_leaves_a_migration_that_comp
         on_target("SELECT n || ',' || total FROM wide_summary"),
         on_source("SELECT count(*) || ',' || sum(id) FROM wide")
     );
+    // The seal moved the source's sequences to their limit; released,
+    // they are back where the target's were set from.
+    crate::support::release_source(&m);
     assert_eq!(
         on_target("SELECT last_value FROM invoice_numbers"),
         on_source("SELECT last_value FROM invoice_numbers")
@@ -599,6 +602,7 @@ fn a_kill_9_at_every_step_boundary_of_either_daemon_leaves_a_migration_that_comp
 
     let (code, cleaned, stderr) = m.cli_json(&["cleanup", "--json"]);
     assert_eq!(code, Some(0), "cleanup: {stderr} {cleaned}");
+    crate::support::release_source(&m);
     assert_nothing_left(&m);
     eprintln!(
         "walked {} crash points ({:?}): initial sync {:.0?}, all {:.0?}",
@@ -666,6 +670,7 @@ fn after_the_point_of_no_return_every_crash_finishes_what_it_began() {
     let (code, cleaned, stderr) = m.cli_json(&["cleanup", "--json"]);
     assert_eq!(code, Some(0), "cleanup: {stderr} {cleaned}");
     assert_eq!(cleaned["removed"].as_array().unwrap().len(), 0, "{cleaned}");
+    crate::support::release_source(&m);
     assert_nothing_left(&m);
 }
 
@@ -779,5 +784,6 @@ fn a_cutover_outlives_its_cli_and_a_second_one_meanwhile_is_refused_as_busy() {
     assert_eq!(code, Some(0), "verify: {stderr} {verify}");
     let (code, cleaned, stderr) = m.cli_json(&["cleanup", "--json"]);
     assert_eq!(code, Some(0), "cleanup: {stderr} {cleaned}");
+    crate::support::release_source(&m);
     assert_nothing_left(&m);
 }

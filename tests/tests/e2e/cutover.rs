@@ -221,17 +221,24 @@ fn a_live_migration_cuts_over_with_every_acknowledged_write_and_cleans_up() {
     assert_eq!(status["phase"], "cut_over", "{status}");
     assert_eq!(status["subscription"], "detached", "{status}");
 
-    // Cleanup removes everything, and says so; a second run finds nothing.
+    // Cleanup removes the replication objects and says so, but keeps the
+    // fence; release-source lifts it; a second cleanup finds nothing.
     let (code, cleaned, stderr) = m.cli_json(&["cleanup", "--json"]);
     assert_eq!(code, Some(0), "cleanup: {stderr} {cleaned}");
     assert_eq!(cleaned["phase"], "cleaned_up");
     let removed = cleaned["removed"].to_string();
-    for what in ["subscription", "replication slot", "publication", "write fence"] {
+    for what in ["subscription", "replication slot", "publication"] {
         assert!(removed.contains(what), "{what} in {removed}");
     }
+    assert!(!removed.contains("write fence"), "{removed}");
+    assert!(cleaned["remaining"].to_string().contains("release-source"), "{cleaned}");
     assert_eq!(m.source_replication_objects(), (String::new(), String::new()));
+    assert_ne!(fence_triggers(&m), "0");
+    source_accepts_writes(&m).expect_err("the source stays fenced after cleanup");
+    let released = crate::support::release_source(&m);
+    assert!(released["removed"].to_string().contains("write fence"), "{released}");
     assert_eq!(fence_triggers(&m), "0");
-    source_accepts_writes(&m).expect("the source accepts writes after cleanup");
+    source_accepts_writes(&m).expect("the source accepts writes after release-source");
     assert_eq!(m.target.psql(DATABASE, "SELECT count(*) FROM pg_subscription"), "0");
     assert_eq!(
         m.target.psql(DATABASE, "SELECT count(*) FROM pg_replication_origin"),

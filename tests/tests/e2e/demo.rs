@@ -30,6 +30,7 @@ fn the_demo_migrates_cuts_over_verifies_and_removes_everything() {
         "are fenced",
         "5 of 5 tables exact",
         "removed subscription",
+        "release-source          removed the write fence",
     ] {
         assert!(stdout.contains(line), "{line:?} in:\n{stdout}");
     }

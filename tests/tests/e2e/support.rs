@@ -521,3 +521,10 @@ pub fn stall_the_target(m: &Migration) -> Session {
     m.source.psql(DATABASE, "INSERT INTO orders (amount) VALUES (7)");
     stall
 }
+
+/// `release-source`, which must succeed: the fence a cutover left goes.
+pub fn release_source(m: &Migration) -> serde_json::Value {
+    let (code, released, stderr) = m.cli_json(&["release-source", "--json"]);
+    assert_eq!(code, Some(0), "release-source: {stderr} {released}");
+    released
+}
