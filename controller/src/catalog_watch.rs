@@ -47,7 +47,15 @@ pub struct Look {
 }
 
 /// Looks at the source's catalog now and takes in what is new.
-pub async fn look(ctx: &Context, agent: &AgentClient, record: &mut MigrationRecord) -> Result<Look, Fault> {
+/// What the source has that the migration does not know yet: tables its
+/// selection now covers (to be published) and tables (new partitions
+/// among them) not yet on record. `None` when the selection matches
+/// nothing now.
+async fn unknown(
+    ctx: &Context,
+    agent: &AgentClient,
+    record: &MigrationRecord,
+) -> Result<Option<(Vec<QualifiedName>, Vec<TableRecord>)>, Fault> {
     let catalog = agent
         .clone()
         .list_tables(wire::ListTablesRequest {})
@@ -55,11 +63,10 @@ pub async fn look(ctx: &Context, agent: &AgentClient, record: &mut MigrationReco
         .map_err(|s| crate::fault::agent("cannot list the source's tables", &s))?
         .into_inner()
         .tables;
-    let mut look = Look::default();
     // A selection that no longer matches anything is not this watch's
     // business: the migration already has its tables.
     let Ok(planned) = plan(catalog, &record.selection, ctx.settings.split_bytes) else {
-        return Ok(look);
+        return Ok(None);
     };
     let known: Vec<QualifiedName> = ctx
         .state
@@ -79,6 +86,32 @@ pub async fn look(ctx: &Context, agent: &AgentClient, record: &mut MigrationReco
         .into_iter()
         .filter(|t| !known.contains(&t.name))
         .collect();
+    Ok(Some((new_roots, new_leaves)))
+}
+
+/// The tables created on the source since the last look, named: asked
+/// again while the source is fenced, before the point of no return, so
+/// that a table created during the cutover's first moments is not left
+/// behind on a source that then refuses its writes.
+pub async fn unseen(ctx: &Context, agent: &AgentClient, record: &MigrationRecord) -> Result<Vec<String>, Fault> {
+    let Some((roots, leaves)) = unknown(ctx, agent, record).await? else {
+        return Ok(Vec::new());
+    };
+    let mut names: Vec<String> = roots.iter().map(ToString::to_string).collect();
+    for leaf in leaves {
+        let name = leaf.name.to_string();
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+pub async fn look(ctx: &Context, agent: &AgentClient, record: &mut MigrationRecord) -> Result<Look, Fault> {
+    let mut look = Look::default();
+    let Some((new_roots, new_leaves)) = unknown(ctx, agent, record).await? else {
+        return Ok(look);
+    };
     if !new_roots.is_empty() {
         add_tables(ctx, agent, record, &new_roots, &new_leaves, &mut look).await?;
     }

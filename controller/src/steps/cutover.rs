@@ -369,6 +369,33 @@ async fn fence_and_switch(
     let before_seal = async {
         catch_up(agent, &record.slot, &fence_lsn, until).await?;
         steps.done("catch up", format!("the target applied everything up to {fence_lsn}"));
+        // Looked at again now that nothing changes: a table or a column
+        // that appeared since the checks before the fence would be left
+        // behind by a seal that then refuses its writes.
+        let unseen = crate::catalog_watch::unseen(ctx, agent, record)
+            .await
+            .map_err(|f| format!("cannot look at the source's tables again while fenced: {f}"))?;
+        if !unseen.is_empty() {
+            return Err(format!(
+                "tables were created on the source while the cutover began: {}; they are not migrated yet, so the \
+                 fence is lifted: run cutover again once status shows them streamed",
+                unseen.join(", ")
+            ));
+        }
+        let drift = crate::drift::detect(ctx, agent, record)
+            .await
+            .map_err(|f| format!("cannot compare the schemas again while fenced: {f}"))?;
+        if !drift.is_empty() {
+            return Err(format!(
+                "the source's tables changed while the cutover began: {}; the fence is lifted: `walbridge \
+                 sync-schema`, then cutover again",
+                crate::drift::describe(&drift)
+            ));
+        }
+        steps.done(
+            "recheck",
+            "no table or column appeared since the checks before the fence",
+        );
         let copied = copy_sequences(agent, target).await?;
         steps.done("sequences", copied);
         if !record.skip_large_objects {

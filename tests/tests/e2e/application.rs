@@ -433,3 +433,44 @@ fn a_sealed_source_refuses_every_writer_and_only_release_source_lifts_it() {
         "0"
     );
 }
+
+#[test]
+fn a_table_created_while_the_cutover_holds_the_fence_lifts_it_and_is_migrated_by_the_next() {
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(source, crate::cutover::SCHEMA);
+    stream(&m, &[]);
+    // The target's apply is held back, so the cutover waits in catch-up
+    // with the source fenced while the application creates a table
+    // (unpublished, so the fence's locks do not cover it).
+    let stall = crate::support::stall_the_target(&m);
+    let cutover = crate::cutover::cutover_holding_the_fence(&m, "90s");
+    m.source.psql(
+        DATABASE,
+        "CREATE TABLE late (id int PRIMARY KEY, note text); INSERT INTO late VALUES (1, 'while fenced')",
+    );
+    stall.execute("ROLLBACK").unwrap();
+    let out = cutover.wait_with_output().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("tables were created on the source while the cutover began: public.late"),
+        "{report}"
+    );
+    assert_eq!(crate::cutover::fence_triggers(&m), "0");
+    crate::cutover::source_accepts_writes(&m).expect("the fence is lifted");
+
+    m.source.psql(DATABASE, "INSERT INTO late VALUES (2, 'after')");
+    eventually(STREAM_TIMEOUT, "late to be taken in", || {
+        (table_state(&m, "public.late").as_deref() == Some("streamed")).then_some(())
+    });
+    cut_over(&m);
+    assert_eq!(
+        m.target.psql(
+            DATABASE,
+            "SELECT string_agg(id || ':' || note, ',' ORDER BY id) FROM late"
+        ),
+        "1:while fenced,2:after"
+    );
+}
