@@ -67,11 +67,15 @@ fn timed_writer(url: String, table: &'static str, stop: Arc<AtomicBool>) -> std:
 }
 
 /// Whether the agent's fence has a session on the source now.
+/// The fence's sessions inside a transaction (the one that holds the
+/// locks); an idle one on its way out, as the marker's is when the agent
+/// is frozen right after it, holds nothing.
 fn fence_session_count(m: &Migration) -> u64 {
     m.source
         .psql(
             DATABASE,
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'walbridge-agent-fence'",
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'walbridge-agent-fence' AND xact_start IS NOT NULL",
         )
         .parse()
         .unwrap()
