@@ -24,6 +24,9 @@ use crate::support::{DATABASE, Migration, Spec};
 
 const STREAM_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// Replication lag under which the matrix cuts over.
+const CAUGHT_UP_BYTES: u64 = 1 << 20;
+
 /// Pairs CI runs: the oldest sources into both PlanetScale majors, the
 /// first version with `publish_via_partition_root`, and equal majors
 /// (binary transfer).
@@ -218,6 +221,13 @@ fn migrate_pair(source_major: u32, target_major: u32) -> PairReport {
             .unwrap();
         (live > 0).then_some(())
     });
+    // The writes made during the copy are applied before the cutover, so
+    // its figures are those of a migration in steady state.
+    eventually(
+        STREAM_TIMEOUT,
+        "the subscription to catch up with the copy's backlog",
+        || (m.status()["lag_bytes"].as_u64()? < CAUGHT_UP_BYTES).then_some(()),
+    );
 
     let cutover_started = Instant::now();
     let (code, cutover, stderr) = m.cli_json(&["cutover", "--max-lag", "2s", "--timeout", "90s", "--json"]);
