@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the version matrix one pair at a time (each its own test process, so
 # one failure does not hide the rest) and prints a table: pair, pass/fail,
-# the copy's seconds (start to streaming), the cutover's seconds and its
-# write downtime. Servers come from the harness's cache (PgInstall::fetch).
+# the copy's seconds (start to streaming), the replication lag when the
+# cutover began (KiB), the cutover's seconds and its write downtime. Servers come from the harness's cache (PgInstall::fetch).
 #
 #   tests/matrix.sh                 every source 10-18 into every target 15-18 not older
 #   tests/matrix.sh 10-17 12-18     just these pairs
@@ -39,15 +39,16 @@ for pair in "${pairs[@]}"; do
     copy=$(sed -n 's/.*copy=\([0-9.]*\)s.*/\1/p' <<<"$line")
     cutover=$(sed -n 's/.*cutover=\([0-9.]*\)s.*/\1/p' <<<"$line")
     downtime=$(sed -n 's/.*downtime=\([0-9.]*\)s.*/\1/p' <<<"$line")
-    results+=("$(printf '%-7s %-5s %8s %9s %9s %7s' "$pair" pass "$copy" "$cutover" "$downtime" "$took")")
+    lag=$(sed -n 's/.*lag=\([0-9]*\)KiB.*/\1/p' <<<"$line")
+    results+=("$(printf '%-7s %-5s %8s %8s %9s %10s %7s' "$pair" pass "$copy" "$lag" "$cutover" "$downtime" "$took")")
   else
     failed=$((failed + 1))
-    results+=("$(printf '%-7s %-5s %8s %9s %9s %7s  see %s' "$pair" FAIL - - - "$took" "$log")")
+    results+=("$(printf '%-7s %-5s %8s %8s %9s %10s %7s  see %s' "$pair" FAIL - - - - "$took" "$log")")
   fi
   echo "${results[-1]}" >&2
 done
 
-printf '%-7s %-5s %8s %9s %9s %7s\n' pair result copy_s cutover_s downtime_s total_s
+printf '%-7s %-5s %8s %8s %9s %10s %7s\n' pair result copy_s lag_kib cutover_s downtime_s total_s
 printf '%s\n' "${results[@]}"
 echo "$(( ${#pairs[@]} - failed )) of ${#pairs[@]} pairs passed"
 [ $failed -eq 0 ]
