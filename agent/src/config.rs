@@ -7,6 +7,7 @@ use walbridge_daemon::settings::{Setting, SettingError, Settings, parse_host_por
 use walbridge_daemon::telemetry::{LOG_FORMAT, LOG_SETTINGS, LogFormat};
 use walbridge_daemon::tls::{Identity, TLS_SETTINGS};
 
+use crate::pg_dump::PgDumpChoice;
 use crate::subscription_role::SubscriptionRole;
 
 pub const NAME: &str = "name";
@@ -38,9 +39,10 @@ pub fn settings() -> Vec<Setting> {
         },
         Setting {
             key: SOURCE_PG_DUMP,
-            help: "the pg_dump that dumps the source's schema; it must not be older than the source server",
+            help: "the pg_dump that dumps the source's schema; it must not be older than the source server (default: the \
+                   newest found on PATH, beside pg_config --bindir, under /usr/lib/postgresql/*/bin or /usr/pgsql-*/bin)",
             value_name: "PATH",
-            default: Some("pg_dump"),
+            default: None,
         },
         Setting {
             key: CONTROLLER_ENDPOINT,
@@ -102,7 +104,7 @@ pub struct AgentConfig {
     pub name: String,
     pub data_dir: PathBuf,
     pub source: Database,
-    pub pg_dump: String,
+    pub pg_dump: PgDumpChoice,
     pub controller: ControllerEndpoint,
     pub identity: Identity,
     pub log_format: LogFormat,
@@ -129,7 +131,10 @@ impl AgentConfig {
             _ => identity.name().to_owned(),
         };
         let data_dir = settings.required_path(DATA_DIR)?;
-        let pg_dump = settings.required(SOURCE_PG_DUMP)?.to_owned();
+        let pg_dump = match settings.get(SOURCE_PG_DUMP).filter(|p| !p.is_empty()) {
+            Some(program) => PgDumpChoice::Configured(program.to_owned()),
+            None => PgDumpChoice::Newest,
+        };
         let listen_metrics = settings.parse::<std::net::SocketAddr>(walbridge_daemon::metrics::LISTEN_METRICS)?;
         let subscription_role = match (
             settings.get(crate::subscription_role::SUBSCRIPTION_USER),

@@ -21,6 +21,7 @@ use walbridge_migration::ident::{QualifiedName, quote_literal};
 use walbridge_proto::v1 as wire;
 
 use crate::fault;
+use crate::pg_dump::PgDumpChoice;
 use crate::source::{APPLICATION_NAME, SNAPSHOT_READS};
 
 /// Raw bytes per chunk before compression.
@@ -126,7 +127,7 @@ pub struct SchemaDump {
 }
 
 /// Streams `pg_dump --schema-only --section=<section>` as `dump` says.
-pub async fn dump_schema(source: Database, pg_dump: String, dump: SchemaDump, out: ChunkSender) {
+pub async fn dump_schema(source: Database, pg_dump: PgDumpChoice, dump: SchemaDump, out: ChunkSender) {
     let SchemaDump {
         snapshot,
         section,
@@ -135,6 +136,13 @@ pub async fn dump_schema(source: Database, pg_dump: String, dump: SchemaDump, ou
         only,
     } = dump;
     let result = async {
+        let pg_dump = pg_dump.resolve().await.map_err(|not_found| {
+            fault::status(Fault::new(
+                FaultKind::Internal,
+                format!("{}: {not_found}", pg_dump.describe()),
+            ))
+        })?;
+        let pg_dump = pg_dump.program.display().to_string();
         let mut command = tokio::process::Command::new(&pg_dump);
         command
             .args(["--schema-only", "--no-owner", "--no-publications", "--no-subscriptions"])
@@ -233,8 +241,13 @@ pub async fn checksum(
     snapshot: &str,
     table: &QualifiedName,
     columns: &[String],
+    round_floats: bool,
 ) -> Result<(u64, String), Status> {
     let client = snapshot_session(source, snapshot).await?;
+    client
+        .batch_execute(copy::checksum_setup(round_floats))
+        .await
+        .map_err(|e| crate::fault::source_status(format!("checksum of {table} failed on the source"), &e))?;
     let row = client
         .query_one(&copy::checksum(table, columns), &[])
         .await

@@ -10,6 +10,7 @@
 //! * [`publication`]: the migration's publication, grown as tables appear.
 //! * [`snapshot`]: the slot's exported snapshots, held while the copy runs.
 //! * [`copy`]: schema and table streams, checksums.
+//! * [`pg_dump`]: which pg_dump dumps the source.
 //! * [`preflight`]: the source-side checks.
 //! * [`privileges`]: what each step asks of a role that is not a superuser.
 //! * [`replication`]: the replication-protocol connection.
@@ -30,6 +31,7 @@ pub mod fence;
 pub mod grants;
 pub mod large_objects;
 pub mod link;
+pub mod pg_dump;
 pub mod preflight;
 pub mod privileges;
 pub mod publication;

@@ -13,6 +13,7 @@ use tokio_postgres::Client;
 use walbridge_migration::finding::{Extension, Finding, Side, SourceFacts, SourceSchema};
 use walbridge_migration::ident::{QualifiedName, quote_ident};
 
+use crate::pg_dump::{NotFound, PgDump, PgDumpChoice};
 use crate::privileges::{self, ScopedTable, SourceRole};
 
 /// What to check.
@@ -556,38 +557,39 @@ async fn transactions(client: &Client, older_than: Duration) -> Result<Vec<Findi
 }
 
 /// The agent's pg_dump must not be older than the source server (an older
-/// pg_dump refuses a newer server).
-pub fn check_pg_dump(pg_dump_version_output: Option<&str>, server_version_num: u32) -> Option<Finding> {
+/// pg_dump refuses a newer server). The fix names the major to install and
+/// the setting to point at it.
+pub fn check_pg_dump(
+    choice: &PgDumpChoice,
+    found: &Result<PgDump, NotFound>,
+    server_version_num: u32,
+) -> Option<Finding> {
     let server_major = server_version_num / 10000;
-    let install = format!("install postgresql-client-{server_major} (or newer) and set source.pg_dump to its pg_dump");
-    let Some(output) = pg_dump_version_output else {
-        return Some(error(
+    let fix = format!(
+        "install PostgreSQL {server_major}'s pg_dump or a newer one (the newest dumps every older server): Debian \
+         and Ubuntu `apt-get install postgresql-client-{server_major}` from apt.postgresql.org, RHEL \
+         `dnf install postgresql{server_major}` from the PGDG repository; then set source.pg_dump to it (e.g. \
+         /usr/lib/postgresql/{server_major}/bin/pg_dump), or leave source.pg_dump unset for the agent to take the \
+         newest it finds"
+    );
+    match found {
+        Err(not_found) => Some(error(
             "pg_dump",
             "source.pg_dump",
-            "pg_dump cannot be run: the schema cannot be dumped",
-            install,
-        ));
-    };
-    let major = output
-        .split_whitespace()
-        .find(|word| word.starts_with(|c: char| c.is_ascii_digit()))
-        .and_then(|version| version.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|major| major.parse::<u32>().ok());
-    match major {
-        Some(major) if major >= server_major => None,
-        Some(major) => Some(error(
+            format!("{}: {not_found}; the schema cannot be dumped", choice.describe()),
+            fix,
+        )),
+        Ok(pg_dump) if pg_dump.major >= server_major => None,
+        Ok(pg_dump) => Some(error(
             "pg_dump",
             "source.pg_dump",
             format!(
-                "pg_dump is version {major}, older than the source server ({server_major}): it would refuse to dump it"
+                "{} is {} at {}, older than the source server (PostgreSQL {server_major}): it refuses to dump it",
+                choice.describe(),
+                pg_dump.version,
+                pg_dump.program.display()
             ),
-            install,
-        )),
-        None => Some(error(
-            "pg_dump",
-            "source.pg_dump",
-            format!("cannot tell pg_dump's version from {output:?}"),
-            install,
+            fix,
         )),
     }
 }
@@ -597,17 +599,32 @@ mod tests {
     use super::*;
     use walbridge_migration::finding::Severity;
 
+    fn found(version: &str) -> Result<PgDump, NotFound> {
+        Ok(PgDump {
+            program: "/usr/lib/postgresql/15/bin/pg_dump".into(),
+            major: crate::pg_dump::major_of(version).unwrap(),
+            version: version.to_owned(),
+        })
+    }
+
     #[test]
     fn pg_dump_must_not_be_older_than_the_server() {
+        let configured = PgDumpChoice::Configured("/usr/lib/postgresql/15/bin/pg_dump".into());
+        let debian = found("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)");
+        assert_eq!(check_pg_dump(&configured, &debian, 150018), None);
         assert_eq!(
-            check_pg_dump(Some("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"), 150018),
+            check_pg_dump(&configured, &found("pg_dump (PostgreSQL) 18.1"), 130022),
             None
         );
-        assert_eq!(check_pg_dump(Some("pg_dump (PostgreSQL) 18.1"), 130022), None);
-        let old = check_pg_dump(Some("pg_dump (PostgreSQL) 14.2"), 160001).unwrap();
+        let old = check_pg_dump(&configured, &found("pg_dump (PostgreSQL) 14.2"), 160001).unwrap();
         assert_eq!(old.severity, Severity::Error);
         assert!(old.fix.contains("postgresql-client-16"), "{}", old.fix);
-        assert!(check_pg_dump(None, 150000).unwrap().is_error());
+        assert!(old.fix.contains("set source.pg_dump"), "{}", old.fix);
+        assert!(old.message.contains("PostgreSQL 16"), "{}", old.message);
+        let missing = Err(NotFound { tried: vec![] });
+        let none = check_pg_dump(&PgDumpChoice::Newest, &missing, 150000).unwrap();
+        assert!(none.is_error());
+        assert!(none.message.contains("source.pg_dump is not set"), "{}", none.message);
     }
 
     #[test]

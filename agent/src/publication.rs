@@ -7,7 +7,10 @@
 //! (`publish_via_partition_root`): the changes of a partition created
 //! later arrive as the root's, so the target routes them into its own
 //! partitions instead of the subscriber skipping a relation it does not
-//! know.
+//! know. Before 13 a publication cannot hold a partitioned table at all:
+//! it holds the partitioned table's leaf partitions instead, whose changes
+//! arrive under their own names, so the target needs the same partitions
+//! (pg_dump's schema has them).
 
 use tokio_postgres::Client;
 use walbridge_migration::ident::{QualifiedName, quote_ident};
@@ -15,18 +18,25 @@ use walbridge_migration::ident::{QualifiedName, quote_ident};
 /// Creates the publication for `tables`, or makes an existing one of this
 /// name publish exactly them.
 pub async fn ensure(client: &Client, name: &str, tables: &[QualifiedName]) -> Result<(), tokio_postgres::Error> {
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int4", &[])
-        .await?
-        .get(0);
-    let table_list = tables.iter().map(QualifiedName::quoted).collect::<Vec<_>>().join(", ");
+    let version = server_version(client).await?;
+    let via_root = version >= PARTITION_ROOTS_PUBLISHED;
+    let mut published: Vec<String> = Vec::new();
+    for table in tables {
+        for relation in publishable(client, version, table).await? {
+            if !published.contains(&relation) {
+                published.push(relation);
+            }
+        }
+    }
+    let table_list = published.join(", ");
     let exists = client
         .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
         .await?
         .is_some();
     let name = quote_ident(name);
-    let via_root = version >= 130000;
     let statement = match (exists, via_root) {
+        // Partitioned tables without partitions yet, before 13: nothing to list.
+        (false, false) if published.is_empty() => format!("CREATE PUBLICATION {name}"),
         (true, true) => format!(
             "ALTER PUBLICATION {name} SET TABLE {table_list}; \
              ALTER PUBLICATION {name} SET (publish_via_partition_root = true)"
@@ -49,23 +59,22 @@ pub async fn add(
     tables: &[QualifiedName],
     reader: &str,
 ) -> Result<(), tokio_postgres::Error> {
+    let version = server_version(client).await?;
     for table in tables {
-        let published = client
-            .query_opt(
-                "SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid \
-                 WHERE p.pubname = $1 AND r.prrelid = to_regclass($2)",
-                &[&name, &table.quoted()],
-            )
-            .await?
-            .is_some();
-        if !published {
-            client
-                .batch_execute(&format!(
-                    "ALTER PUBLICATION {} ADD TABLE {}",
-                    quote_ident(name),
-                    table.quoted()
-                ))
-                .await?;
+        for relation in publishable(client, version, table).await? {
+            let published = client
+                .query_opt(
+                    "SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid \
+                     WHERE p.pubname = $1 AND r.prrelid = to_regclass($2)",
+                    &[&name, &relation],
+                )
+                .await?
+                .is_some();
+            if !published {
+                client
+                    .batch_execute(&format!("ALTER PUBLICATION {} ADD TABLE {relation}", quote_ident(name)))
+                    .await?;
+            }
         }
         if !reader.is_empty() {
             client
@@ -78,4 +87,43 @@ pub async fn add(
         }
     }
     Ok(())
+}
+
+/// The first version whose publications hold partitioned tables
+/// (`publish_via_partition_root`).
+const PARTITION_ROOTS_PUBLISHED: i32 = 130000;
+
+async fn server_version(client: &Client) -> Result<i32, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await?
+        .get(0))
+}
+
+/// What the publication lists for `table`, quoted: the table itself, or
+/// before 13, for a partitioned table, its leaf partitions (at any depth).
+async fn publishable(
+    client: &Client,
+    version: i32,
+    table: &QualifiedName,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    if version >= PARTITION_ROOTS_PUBLISHED {
+        return Ok(vec![table.quoted()]);
+    }
+    let rows = client
+        .query(
+            "WITH RECURSIVE tree(relid) AS ( \
+                 SELECT $1::text::regclass::oid \
+                 UNION ALL SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.relid \
+                 JOIN pg_class p ON p.oid = i.inhrelid WHERE p.relispartition) \
+             SELECT n.nspname::text, c.relname::text FROM tree \
+             JOIN pg_class c ON c.oid = tree.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind <> 'p' ORDER BY 1, 2",
+            &[&table.quoted()],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| QualifiedName::new(row.get::<_, String>(0), row.get::<_, String>(1)).quoted())
+        .collect())
 }

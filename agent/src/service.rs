@@ -31,7 +31,7 @@ const LONG_TRANSACTION: Duration = Duration::from_secs(300);
 pub struct AgentState {
     pub name: String,
     pub source: Database,
-    pub pg_dump: String,
+    pub pg_dump: crate::pg_dump::PgDumpChoice,
     /// Who the target's subscription logs in as.
     pub subscription_role: crate::subscription_role::SubscriptionRole,
     pub snapshots: Arc<Snapshots>,
@@ -151,8 +151,12 @@ impl AgentService for Agent {
                     .await
                     .map_err(|e| crate::fault::source_status("preflight query failed", &e))?,
             );
-            let version = pg_dump_version(&self.state.pg_dump).await;
-            findings.extend(preflight::check_pg_dump(version.as_deref(), facts.server_version_num));
+            let pg_dump = self.state.pg_dump.resolve().await;
+            findings.extend(preflight::check_pg_dump(
+                &self.state.pg_dump,
+                &pg_dump,
+                facts.server_version_num,
+            ));
             Ok(Response::new(wire::SourcePreflightResponse {
                 findings: findings.into_iter().map(wire::Finding::from).collect(),
                 server_version_num: facts.server_version_num,
@@ -345,9 +349,15 @@ impl AgentService for Agent {
             .table
             .map(name_from_wire)
             .ok_or_else(|| Status::invalid_argument("no table"))?;
-        let (rows, checksum) = copy::checksum(&self.state.source, &request.snapshot, &table, &request.columns)
-            .instrument(span)
-            .await?;
+        let (rows, checksum) = copy::checksum(
+            &self.state.source,
+            &request.snapshot,
+            &table,
+            &request.columns,
+            request.round_floats,
+        )
+        .instrument(span)
+        .await?;
         Ok(Response::new(wire::ChecksumResponse { rows, checksum }))
     }
 
@@ -609,17 +619,6 @@ impl AgentService for Agent {
             roles: released.roles,
         }))
     }
-}
-
-async fn pg_dump_version(pg_dump: &str) -> Option<String> {
-    let out = tokio::process::Command::new(pg_dump)
-        .arg("--version")
-        .output()
-        .await
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn status_to_wire(status: SourceStatus) -> wire::SourceStatus {

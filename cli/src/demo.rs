@@ -130,7 +130,7 @@ async fn migrate(
         name: AGENT.to_owned(),
         data_dir: agent_dir.clone(),
         source: Database::parse("source.url", &source.url(DATABASE)).map_err(|e| fail("source", &e))?,
-        pg_dump: install.bin("pg_dump").display().to_string(),
+        pg_dump: walbridge_agent::pg_dump::PgDumpChoice::Configured(install.bin("pg_dump").display().to_string()),
         controller: walbridge_agent::config::ControllerEndpoint::parse(&format!("localhost:{agents_port}"))
             .map_err(|e| fail("agent", &e))?,
         identity: identity(&certs, AGENT)?,

@@ -6,7 +6,10 @@
 //!   target too (pg_dump's `CREATE TABLE ... ; ALTER TABLE ... ATTACH
 //!   PARTITION`; attaching builds the parent's indexes on it). Its rows
 //!   arrive as the root's (`publish_via_partition_root`), and wait in the
-//!   subscription until the partition exists;
+//!   subscription until the partition exists. Before 13 the publication
+//!   lists leaf partitions instead: a new one is published and copied by
+//!   the subscription like a new table (below), since its rows written
+//!   before it was published are in no stream;
 //! * a **table** the selection covers is created on the target, added to
 //!   the publication, and copied by the subscription itself
 //!   (`REFRESH PUBLICATION WITH (copy_data = true)`: its table
@@ -264,6 +267,10 @@ async fn add_partitions(
         let pre_data = schema::dump_tables(agent, "pre-data", &missing, record.privileges).await?;
         schema::apply_in_one_transaction(ctx.target()?, &pre_data, None).await?;
     }
+    let source_version = record.source_version_num();
+    if source_version != 0 && source_version < PARTITION_ROOTS_PUBLISHED {
+        return publish_partitions(ctx, agent, record, partitions, look).await;
+    }
     for partition in partitions {
         let created = missing.contains(&partition.name);
         let event = if created {
@@ -281,6 +288,47 @@ async fn add_partitions(
         record.events.push(event);
         let mut table = partition;
         table.state = TableState::Streamed;
+        ctx.state.save_table(&table).await.map_err(crate::fault::journal)?;
+    }
+    look.changed = true;
+    Ok(())
+}
+
+/// The first source version whose publications hold partitioned tables.
+const PARTITION_ROOTS_PUBLISHED: u32 = 130000;
+
+/// New partitions on a source before 13, already on the target: added to
+/// the publication and copied by the subscription, the cutover waiting
+/// until it has (they are `syncing`).
+async fn publish_partitions(
+    ctx: &Context,
+    agent: &AgentClient,
+    record: &mut MigrationRecord,
+    partitions: Vec<TableRecord>,
+    look: &mut Look,
+) -> Result<(), Fault> {
+    agent
+        .clone()
+        .publish_tables(wire::PublishTablesRequest {
+            publication: record.publication.clone(),
+            tables: partitions.iter().map(|p| name_to_wire(p.name.clone())).collect(),
+            reader: record.subscription_role.clone(),
+        })
+        .await
+        .map_err(|s| crate::fault::agent("cannot publish the new partitions", &s))?;
+    let client = target::connect(ctx.target()?, Purpose::Control).await?;
+    subscription::refresh_copying_new_tables(&client, &record.subscription).await?;
+    for partition in partitions {
+        let event = format!(
+            "partition {} was created on the source: created on the target and added to the publication (before \
+             PostgreSQL 13 a publication lists partitions, not their root); the subscription copies it",
+            partition.name
+        );
+        tracing::info!(migration = %record.id, "{event}");
+        record.events.push(event);
+        record.syncing.push(partition.name.clone());
+        let mut table = partition;
+        table.state = TableState::Syncing;
         ctx.state.save_table(&table).await.map_err(crate::fault::journal)?;
     }
     look.changed = true;
@@ -332,8 +380,17 @@ async fn finish_synchronised(
                 && (done.contains(&t.name) || t.root.as_ref().is_some_and(|r| done.contains(r)))
         })
         .collect();
-    let post_data = schema::dump_tables(agent, "post-data", &done, record.privileges).await?;
-    schema::apply_in_one_transaction(ctx.target()?, &post_data, None).await?;
+    // A partition (published on its own before 13) got its parent's
+    // indexes when it was attached on the target.
+    let whole_tables: Vec<QualifiedName> = done
+        .iter()
+        .filter(|t| !leaves.iter().any(|l| &l.name == *t && l.root.is_some()))
+        .cloned()
+        .collect();
+    if !whole_tables.is_empty() {
+        let post_data = schema::dump_tables(agent, "post-data", &whole_tables, record.privileges).await?;
+        schema::apply_in_one_transaction(ctx.target()?, &post_data, None).await?;
+    }
     for mut leaf in leaves {
         leaf.state = TableState::Streamed;
         ctx.state.save_table(&leaf).await.map_err(crate::fault::journal)?;

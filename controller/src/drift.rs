@@ -106,9 +106,16 @@ pub async fn sync(
 }
 
 /// One line per difference, for a refusal.
+/// Differences named in one message at most: a refusal travels as a gRPC
+/// status, whose message is an HTTP/2 header, and one naming hundreds of
+/// differences is too big a header for the CLI to read (it sees "h2
+/// protocol error"). `walbridge status` lists them all.
+const DESCRIBED_AT_MOST: usize = 10;
+
 pub fn describe(drifts: &[Drift]) -> String {
-    drifts
+    let mut described = drifts
         .iter()
+        .take(DESCRIBED_AT_MOST)
         .map(|d| {
             if d.additive {
                 format!("{}: {} (sync-schema applies: {})", d.table, d.what, d.ddl)
@@ -117,7 +124,14 @@ pub fn describe(drifts: &[Drift]) -> String {
             }
         })
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    if drifts.len() > DESCRIBED_AT_MOST {
+        described.push_str(&format!(
+            "; and {} more (`walbridge status` lists every one)",
+            drifts.len() - DESCRIBED_AT_MOST
+        ));
+    }
+    described
 }
 
 pub fn to_wire(drift: Drift) -> wire::SchemaDrift {
@@ -126,5 +140,29 @@ pub fn to_wire(drift: Drift) -> wire::SchemaDrift {
         what: drift.what,
         ddl: drift.ddl,
         additive: drift.additive,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_list_of_differences_is_cut_short() {
+        let drift = |i: usize| Drift {
+            table: format!("many.t_{i:03}"),
+            what: "constraint t_id_not_null is missing".to_owned(),
+            ddl: format!("ALTER TABLE many.t_{i:03} ADD CONSTRAINT t_id_not_null NOT NULL id"),
+            additive: true,
+        };
+        let few: Vec<Drift> = (0..3).map(drift).collect();
+        assert_eq!(describe(&few).matches("many.t_").count(), 6, "{}", describe(&few));
+        let many: Vec<Drift> = (0..332).map(drift).collect();
+        let text = describe(&many);
+        assert!(
+            text.ends_with("; and 322 more (`walbridge status` lists every one)"),
+            "{text}"
+        );
+        assert!(text.len() < 2000, "{} bytes", text.len());
     }
 }

@@ -116,6 +116,9 @@ pub async fn apply_in_one_transaction(
         return Err(fault);
     }
     for (done, statement) in statements.iter().enumerate() {
+        if !setting_exists(&client, &statement.text).await? {
+            continue;
+        }
         if let Err(e) = client.batch_execute(&statement.text).await {
             let _ = client.batch_execute("ROLLBACK").await;
             let why = if is_lock_table_full(&e) {
@@ -148,6 +151,21 @@ pub async fn apply_in_one_transaction(
         .batch_execute("COMMIT")
         .await
         .map_err(|e| crate::fault::target("the target could not commit pre-data", &e))
+}
+
+/// False for a session setting of a parameter the target does not have:
+/// pg_dump writes those of its own version's servers (`SET
+/// transaction_timeout = 0` from pg_dump 17), and a server without the
+/// parameter has no value of it to neutralise. True for anything else.
+pub async fn setting_exists(client: &tokio_postgres::Client, statement: &str) -> Result<bool, Fault> {
+    let Some(name) = walbridge_migration::script::session_setting_name(statement) else {
+        return Ok(true);
+    };
+    Ok(client
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name = $1)", &[&name])
+        .await
+        .map_err(|e| crate::fault::target("cannot read the target's settings", &e))?
+        .get(0))
 }
 
 /// PostgreSQL's answer when its shared lock table has no room left.

@@ -275,6 +275,7 @@ pub async fn start(runner: &Arc<Runner>, request: wire::StartRequest) -> Result<
         source: Some(SourceIdentity {
             system_identifier: source.system_identifier,
             database: source.database,
+            server_version_num: source.server_version_num,
         }),
     };
     runner

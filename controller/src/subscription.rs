@@ -174,22 +174,7 @@ pub async fn create(
             .map_err(|e| crate::fault::target("ALTER SUBSCRIPTION ... CONNECTION failed on the target", &e))?;
         return Ok(oid);
     }
-    let mut options = vec![
-        "copy_data = false".to_owned(),
-        "create_slot = false".to_owned(),
-        format!("slot_name = {}", quote_literal(names.slot)),
-    ];
-    // Not `disable_on_error`: PostgreSQL counts a dropped connection as an
-    // error too, and the tunnel drops whenever the controller or the agent
-    // restarts; a subscription that retries comes back on its own.
-    // Large transactions are streamed while in progress, not spilled.
-    if target_version >= 140000 && source_version >= 140000 {
-        options.push("streaming = on".to_owned());
-    }
-    // Binary transfer is only safe between equal major versions.
-    if target_version / 10000 == source_version / 10000 {
-        options.push("binary = true".to_owned());
-    }
+    let options = options(source_version, target_version, names.slot);
     let statement = format!(
         "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH ({})",
         quote_ident(names.subscription),
@@ -206,6 +191,46 @@ pub async fn create(
     oid(client, names.subscription)
         .await?
         .ok_or_else(|| crate::fault::internal("the subscription vanished right after its creation"))
+}
+
+/// The subscription's options for these two servers' versions
+/// (`server_version_num`), on the pre-made slot `slot`.
+///
+/// * Not `disable_on_error`: PostgreSQL counts a dropped connection as an
+///   error too, and the tunnel drops whenever the controller or the agent
+///   restarts; a subscription that retries comes back on its own.
+/// * `streaming`: large transactions are streamed while in progress
+///   instead of spilled (publisher and subscriber 14+); both 16+ apply
+///   them in parallel workers (`parallel`; a subscriber 16+ falls back to
+///   `on` with an older publisher anyway, so ask for it only when it takes).
+/// * `binary`: only between equal majors: a type's binary format may
+///   change between majors, and PostgreSQL checks only that the types
+///   have send/receive functions.
+/// * Left at their defaults: `password_required` (true: a non-superuser
+///   owner's connection must use the password, which it does),
+///   `run_as_owner` (16+: apply runs as each table's owner, which is the
+///   subscription's owner since it created the tables) and `failover`
+///   (17+: the slot is the agent's, made before the subscription, and a
+///   migration does not outlive a source's failover).
+pub fn options(source_version: i32, target_version: i32, slot: &str) -> Vec<String> {
+    let mut options = vec![
+        "copy_data = false".to_owned(),
+        "create_slot = false".to_owned(),
+        format!("slot_name = {}", quote_literal(slot)),
+    ];
+    // Not `disable_on_error`: PostgreSQL counts a dropped connection as an
+    // error too, and the tunnel drops whenever the controller or the agent
+    // restarts; a subscription that retries comes back on its own. Large
+    // transactions are streamed while in progress, not spilled.
+    if target_version >= 160000 && source_version >= 160000 {
+        options.push("streaming = parallel".to_owned());
+    } else if target_version >= 140000 && source_version >= 140000 {
+        options.push("streaming = on".to_owned());
+    }
+    if target_version / 10000 == source_version / 10000 {
+        options.push("binary = true".to_owned());
+    }
+    options
 }
 
 /// Proves that the target can log in to the source the way the
@@ -389,6 +414,29 @@ pub async fn remove(target: &Database, name: &str, oid: u32) -> Result<Removed, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_follow_both_versions() {
+        let with = |source, target| options(source, target, "s").join(", ");
+        assert_eq!(
+            with(100023, 170000),
+            "copy_data = false, create_slot = false, slot_name = 's'"
+        );
+        assert!(
+            with(140000, 150000).ends_with("streaming = on"),
+            "{}",
+            with(140000, 150000)
+        );
+        assert!(
+            with(150000, 180000).ends_with("streaming = on"),
+            "{}",
+            with(150000, 180000)
+        );
+        assert!(with(160000, 180000).ends_with("streaming = parallel"));
+        assert!(with(170004, 170009).ends_with("streaming = parallel, binary = true"));
+        assert!(with(150018, 150018).ends_with("streaming = on, binary = true"));
+        assert!(!with(130000, 150000).contains("streaming"));
+    }
 
     fn source() -> wire::SubscriptionConnectionResponse {
         wire::SubscriptionConnectionResponse {

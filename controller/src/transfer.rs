@@ -126,22 +126,36 @@ impl Comparison {
 }
 
 /// Compares one table: the source read in `snapshot` (or a fresh snapshot
-/// when empty), the target as committed.
+/// when empty), the target as committed. Floats are rendered alike on both
+/// sides whatever their majors (`copy::checksum_rounds_floats`); a source
+/// version of 0 (not known) is taken as one that needs it.
 pub async fn compare(
     agent: &AgentClient,
     target: &Database,
+    source_version_num: u32,
     snapshot: &str,
     table: &QualifiedName,
     columns: &[String],
 ) -> Result<Comparison, Fault> {
+    let client = target::connect(target, Purpose::Copy).await?;
+    let target_version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await
+        .map_err(|e| crate::fault::target(format!("checksum of {table} failed on the target"), &e))?
+        .get(0);
+    let round_floats = copy::checksum_rounds_floats(source_version_num, target_version.try_into().unwrap_or(0));
     let mut agent = agent.clone();
     let source = agent.checksum(wire::ChecksumRequest {
         snapshot: snapshot.to_owned(),
         table: Some(name_to_wire(table.clone())),
         columns: columns.to_vec(),
+        round_floats,
     });
     let target = async {
-        let client = target::connect(target, Purpose::Copy).await?;
+        client
+            .batch_execute(copy::checksum_setup(round_floats))
+            .await
+            .map_err(|e| crate::fault::target(format!("checksum of {table} failed on the target"), &e))?;
         let row = client
             .query_one(&copy::checksum(table, columns), &[])
             .await

@@ -40,11 +40,13 @@ pub async fn verify(ctx: &Context, request: wire::VerifyRequest) -> Result<wire:
             .map_err(|e| Status::invalid_argument(e.to_string()))?
     };
     let tables: Vec<_> = all.into_iter().filter(|t| chosen.contains(&t.name)).collect();
+    let source_version = record.source_version_num();
     let results = futures_util::stream::iter(tables)
         .map(|table| {
             let (agent, target) = (agent.clone(), target.clone());
             async move {
-                let compared = transfer::compare(&agent, &target, "", &table.name, &table.columns).await;
+                let compared =
+                    transfer::compare(&agent, &target, source_version, "", &table.name, &table.columns).await;
                 match compared {
                     Ok(c) => wire::TableVerification {
                         name: table.name.to_string(),

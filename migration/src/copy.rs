@@ -11,6 +11,32 @@ pub const SESSION_SETTINGS: &str = "SET DateStyle = 'ISO, MDY'; SET IntervalStyl
      SET extra_float_digits = 3; SET bytea_output = 'hex'; SET TimeZone = 'UTC'; \
      SET client_encoding = 'UTF8'; SET standard_conforming_strings = on";
 
+/// Whether both sides compute a checksum with floats rounded to 15
+/// significant digits (`extra_float_digits = 0`). Servers
+/// before 12 print a float under `extra_float_digits = 3` (the copy's
+/// setting, which loses nothing) with 17 significant digits, 12 and later
+/// print the shortest text that reads back exactly: `0.1` is
+/// `0.10000000000000001` on one side and `0.1` on the other. At 0 both
+/// print 15 significant digits (`%.15g`, the same on every version), so a
+/// pair that straddles 12 compares floats, and every type rendered with
+/// them (arrays, composites, geometric types), to 15 digits instead of
+/// never matching. A source whose version is not known (0) is treated as
+/// straddling: a looser comparison is better than a false mismatch.
+pub fn checksum_rounds_floats(source_version_num: u32, target_version_num: u32) -> bool {
+    const SHORTEST_EXACT_FLOATS: u32 = 120000;
+    (source_version_num >= SHORTEST_EXACT_FLOATS) != (target_version_num >= SHORTEST_EXACT_FLOATS)
+}
+
+/// The statement that sets a checksum session's float rendering (the
+/// session starts with [`SESSION_SETTINGS`]).
+pub fn checksum_setup(round_floats: bool) -> &'static str {
+    if round_floats {
+        "SET extra_float_digits = 0"
+    } else {
+        "SET extra_float_digits = 3"
+    }
+}
+
 /// A ctid range of a table: pages `[first_page, end_page)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PageRange {
@@ -88,6 +114,15 @@ pub fn page_ranges(pages: u64, pages_per_range: u64) -> Vec<PageRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn floats_are_compared_at_15_digits_only_across_12() {
+        assert!(checksum_rounds_floats(110022, 180001));
+        assert!(checksum_rounds_floats(100023, 150018));
+        assert!(checksum_rounds_floats(0, 170000));
+        assert!(!checksum_rounds_floats(120022, 180001));
+        assert!(!checksum_rounds_floats(150018, 150018));
+    }
 
     #[test]
     fn sql_quotes_every_name() {

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::ident::{QualifiedName, quote_ident};
 
 /// One row per table named in `$1` (a `text[]` of quoted names) that
-/// exists: that name, its schema, and its definition as JSON.
+/// exists: that name, its schema, and its definition as JSON. NOT NULL
+/// constraints (`contype = 'n'`, PostgreSQL 18 catalogues them) are left
+/// out: the columns' `not_null` says the same on every version, so a
+/// source before 18 and a target on 18 agree.
 pub const DEFINITIONS_SQL: &str = "\
     SELECT t.name, n.nspname::text, json_build_object( \
       'columns', (SELECT coalesce(json_agg(json_build_object( \
@@ -21,7 +24,7 @@ pub const DEFINITIONS_SQL: &str = "\
                   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), \
       'constraints', (SELECT coalesce(json_agg(json_build_object( \
                      'name', k.conname, 'def', pg_get_constraintdef(k.oid)) ORDER BY k.conname), '[]') \
-                  FROM pg_constraint k WHERE k.conrelid = c.oid), \
+                  FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype <> 'n'), \
       'indexes', (SELECT coalesce(json_agg(json_build_object( \
                      'name', i.relname, 'def', pg_get_indexdef(x.indexrelid)) ORDER BY i.relname), '[]') \
                   FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid \

@@ -70,6 +70,29 @@ pub fn is_session_setting(text: &str) -> bool {
     upper.starts_with("SET ") || upper.starts_with("SELECT PG_CATALOG.SET_CONFIG(")
 }
 
+/// The parameter a session setting sets: `transaction_timeout` for `SET
+/// transaction_timeout = 0`, `search_path` for `SELECT
+/// pg_catalog.set_config('search_path', '', false)`.
+pub fn session_setting_name(text: &str) -> Option<String> {
+    let text = text.trim_start();
+    let upper = text.to_ascii_uppercase();
+    let name = if upper.starts_with("SET ") {
+        text[4..]
+            .trim_start()
+            .split(|c: char| c == '=' || c.is_whitespace())
+            .next()?
+    } else if upper.starts_with("SELECT PG_CATALOG.SET_CONFIG(") {
+        text["SELECT PG_CATALOG.SET_CONFIG(".len()..]
+            .trim_start()
+            .strip_prefix('\'')?
+            .split('\'')
+            .next()?
+    } else {
+        return None;
+    };
+    (!name.is_empty()).then(|| name.to_ascii_lowercase())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScriptError {
     #[error("line {line}: the psql meta-command {command:?} cannot be run without psql")]
@@ -525,6 +548,27 @@ pub fn split(script: &str) -> Result<Vec<Statement>, ScriptError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_settings_name_their_parameter() {
+        assert_eq!(
+            session_setting_name("SET transaction_timeout = 0").as_deref(),
+            Some("transaction_timeout")
+        );
+        assert_eq!(
+            session_setting_name("SET default_tablespace = ''").as_deref(),
+            Some("default_tablespace")
+        );
+        assert_eq!(
+            session_setting_name("SELECT pg_catalog.set_config('search_path', '', false)").as_deref(),
+            Some("search_path")
+        );
+        assert_eq!(
+            session_setting_name("SET xmloption TO content").as_deref(),
+            Some("xmloption")
+        );
+        assert_eq!(session_setting_name("CREATE TABLE t (id int)"), None);
+    }
 
     fn texts(script: &str) -> Vec<String> {
         split(script).unwrap().into_iter().map(|s| s.text).collect()

@@ -93,6 +93,9 @@ pub struct SnapshotRecord {
 pub struct SourceIdentity {
     pub system_identifier: u64,
     pub database: String,
+    /// Its `server_version_num` (0 in records made before it was kept).
+    #[serde(default)]
+    pub server_version_num: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +171,13 @@ pub struct MigrationRecord {
     /// migrated as they are: the cutover refuses while any is here.
     #[serde(default)]
     pub refused_tables: Vec<RefusedTable>,
+}
+
+impl MigrationRecord {
+    /// The source's `server_version_num`, 0 when the record does not know it.
+    pub fn source_version_num(&self) -> u32 {
+        self.source.as_ref().map_or(0, |s| s.server_version_num)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -211,7 +211,17 @@ async fn verify(ctx: &Context, record: &MigrationRecord, mut table: TableRecord)
         let table = &table;
         async move {
             let snapshot = snapshot::held(&agent, record).await?;
-            Ok::<_, StepError>(transfer::compare(&agent, target, &snapshot, &table.name, &table.columns).await?)
+            Ok::<_, StepError>(
+                transfer::compare(
+                    &agent,
+                    target,
+                    record.source_version_num(),
+                    &snapshot,
+                    &table.name,
+                    &table.columns,
+                )
+                .await?,
+            )
         }
     })
     .await?;

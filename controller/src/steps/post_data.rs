@@ -43,6 +43,9 @@ async fn apply(ctx: &Context, record: &MigrationRecord, statements: &[String]) -
     bookkeeping::ensure(&client).await?;
     let done = bookkeeping::applied_statements(&client, &record.id).await?;
     for setting in statements.iter().filter(|text| is_session_setting(text)) {
+        if !crate::schema::setting_exists(&client, setting).await? {
+            continue;
+        }
         client
             .batch_execute(setting)
             .await

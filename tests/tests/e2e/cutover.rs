@@ -181,7 +181,10 @@ fn a_live_migration_cuts_over_with_every_acknowledged_write_and_cleans_up() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(steps, ["lag", "fence", "catch up", "recheck", "sequences", "seal", "detach"]);
+    assert_eq!(
+        steps,
+        ["lag", "fence", "catch up", "recheck", "sequences", "seal", "detach"]
+    );
 
     // The writer was stopped by the fence, not by the test.
     let acked = writes.join().unwrap();

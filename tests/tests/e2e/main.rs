@@ -18,3 +18,4 @@ mod sync;
 mod target_role;
 mod trace;
 mod tunnel;
+mod versions;

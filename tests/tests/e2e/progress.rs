@@ -66,7 +66,16 @@ fn start_draws_bars_on_a_terminal_and_lines_when_piped_and_cutover_prints_its_st
         .collect();
     assert_eq!(
         steps,
-        ["lag", "fence", "catch", "recheck", "sequences", "seal", "detach", "done:"],
+        [
+            "lag",
+            "fence",
+            "catch",
+            "recheck",
+            "sequences",
+            "seal",
+            "detach",
+            "done:"
+        ],
         "{printed}"
     );
     assert!(!printed.contains('\x1b'), "{printed:?}");
