@@ -346,8 +346,8 @@ fn table_findings(table: &TableInfo) -> Vec<Finding> {
         findings.push(warning(
             "partitioned_table",
             &name,
-            "a partitioned table: its partitions are copied one by one and their changes are published as the \
-             partitions' own (publish_via_partition_root off), so the target needs the same partitions",
+            "a partitioned table: its partitions are copied one by one and the target needs the same partitions; \
+             from PostgreSQL 13 its changes are published as the root's, before 13 as each partition's own",
             "",
         ));
         return findings;
