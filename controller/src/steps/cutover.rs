@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use walbridge_daemon::crash_point;
 use walbridge_migration::failpoint as fp;
-use walbridge_migration::fault::Fault;
+use walbridge_migration::fault::{Fault, Policy};
 use walbridge_migration::lsn::Lsn;
 use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
@@ -103,6 +103,9 @@ pub async fn run(
     options: Options,
     stop: &CancellationToken,
 ) -> Result<CutoverReport, StepError> {
+    // The lag gate may outlive the agent's link: it goes on with the link
+    // that replaced it, and so does the rest of the cutover.
+    let mut agent = agent.clone();
     let mut record = ctx
         .state
         .current()?
@@ -117,7 +120,16 @@ pub async fn run(
     // connection per question while writes wait.
     let target = target::connect(ctx.target()?, Purpose::Control).await?;
 
-    match wait_for_lag(ctx, &target, agent, &record, options.clone(), Until { deadline, stop }).await {
+    match wait_for_lag(
+        ctx,
+        &target,
+        &mut agent,
+        &record,
+        options.clone(),
+        Until { deadline, stop },
+    )
+    .await
+    {
         Ok(lag) => steps.done("lag", lag),
         Err(error) => {
             steps.report.error = error;
@@ -125,7 +137,7 @@ pub async fn run(
         }
     }
     if options.dry_run {
-        let sequences = sequences(agent).await?;
+        let sequences = sequences(&agent).await?;
         steps.done(
             "dry run",
             format!(
@@ -149,7 +161,7 @@ pub async fn run(
     let outcome = fence_and_switch(
         ctx,
         &target,
-        agent,
+        &agent,
         &mut record,
         &mut steps,
         &options.hard_fence_roles,
@@ -242,7 +254,7 @@ impl Until<'_> {
 async fn wait_for_lag(
     ctx: &Context,
     target: &Client,
-    agent: &AgentClient,
+    agent: &mut AgentClient,
     record: &MigrationRecord,
     options: Options,
     until: Until<'_>,
@@ -253,7 +265,20 @@ async fn wait_for_lag(
         .await
         .map_err(|f| f.to_string())?;
     loop {
-        let slot = slot_status(agent, &record.slot).await.map_err(|f| f.to_string())?;
+        // Nothing is fenced yet: a link that blips (or an agent that
+        // reconnects) is waited for until the deadline, not a refusal.
+        let slot = match slot_status(agent, &record.slot).await {
+            Ok(slot) => slot,
+            Err(fault) if fault.policy() == Policy::Retry && Instant::now() < until.deadline => {
+                tracing::info!(error = %fault, "the lag gate could not read the slot; it asks again");
+                until.poll().await?;
+                if let Ok(current) = crate::steps::verified_agent(ctx, record).await {
+                    *agent = current;
+                }
+                continue;
+            }
+            Err(fault) => return Err(format!("{fault}; nothing was fenced")),
+        };
         let (state, errors) = subscription::health(target, &record.subscription)
             .await
             .map_err(|f| f.to_string())?;

