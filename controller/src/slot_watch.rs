@@ -46,15 +46,15 @@ const MAX_SAMPLES: usize = 20_000;
 /// slot that is missing is lost).
 pub fn holds_slot(record: &MigrationRecord) -> bool {
     match record.phase {
-        Phase::SchemaPreData
-        | Phase::Copy
+        Phase::SchemaPreData | Phase::Copy => true,
+        // With --copy-only the release step drops the slot itself, and no
+        // later phase has one.
+        Phase::ReleaseSnapshot
         | Phase::SchemaPostData
         | Phase::Subscribe
         | Phase::Streaming
         | Phase::Cutover
-        | Phase::CutOver => true,
-        // With --copy-only this step drops the slot itself.
-        Phase::ReleaseSnapshot => !record.copy_only,
+        | Phase::CutOver => !record.copy_only,
         Phase::Snapshot | Phase::Copied | Phase::Failed | Phase::Aborted | Phase::CleanedUp => false,
     }
 }

@@ -2,6 +2,7 @@
 //! real PostgreSQL clusters started by the harness. One binary for all of
 //! them (one link step, one build of the binaries).
 
+mod across_versions;
 mod application;
 mod crash;
 mod cutover;

@@ -27,7 +27,7 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(180);
 /// Pairs CI runs: the oldest sources into both PlanetScale majors, the
 /// first version with `publish_via_partition_root`, and equal majors
 /// (binary transfer).
-const CI_PAIRS: &[(u32, u32)] = &[(10, 17), (12, 18), (13, 17), (16, 18), (17, 17), (18, 18)];
+pub(crate) const CI_PAIRS: &[(u32, u32)] = &[(10, 17), (12, 18), (13, 17), (16, 18), (17, 17), (18, 18)];
 
 /// Every pair the project supports: sources 10–18, targets 15–18 not
 /// older than the source.
@@ -259,7 +259,7 @@ fn migrate_pair(source_major: u32, target_major: u32) -> PairReport {
 }
 
 /// Migrates one pair and prints its line for tests/matrix.sh.
-fn report_pair(source: u32, target: u32) {
+pub(crate) fn report_pair(source: u32, target: u32) {
     let report = migrate_pair(source, target);
     println!(
         "MATRIX {source}->{target} pass copy={:.1}s lag={}KiB cutover={:.1}s downtime={:.2}s",
@@ -270,38 +270,12 @@ fn report_pair(source: u32, target: u32) {
 /// `WALBRIDGE_MATRIX`'s pairs (the CI subset without it), one after the
 /// other: what tests/matrix.sh runs, a pair per process.
 #[test]
-#[ignore = "a pair after another, for tests/matrix.sh; the CI subset runs as the pair_* tests"]
+#[ignore = "a pair after another, for tests/matrix.sh; the CI subset runs as across_versions::pair_*"]
 fn matrix() {
     let spec = std::env::var("WALBRIDGE_MATRIX").ok();
     for (source, target) in pairs_from(spec.as_deref()) {
         report_pair(source, target);
     }
-}
-
-/// The CI subset, a test per pair so that they run beside the others.
-macro_rules! ci_pairs {
-    ($($name:ident: $source:literal -> $target:literal),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                report_pair($source, $target);
-            }
-        )*
-
-        #[test]
-        fn the_ci_pairs_are_the_ones_ci_runs() {
-            assert_eq!([$(($source, $target)),*], CI_PAIRS);
-        }
-    };
-}
-
-ci_pairs! {
-    pair_10_to_17: 10 -> 17,
-    pair_12_to_18: 12 -> 18,
-    pair_13_to_17: 13 -> 17,
-    pair_16_to_18: 16 -> 18,
-    pair_17_to_17: 17 -> 17,
-    pair_18_to_18: 18 -> 18,
 }
 
 #[test]
