@@ -2,7 +2,6 @@
 //! real PostgreSQL clusters started by the harness. One binary for all of
 //! them (one link step, one build of the binaries).
 
-mod across_versions;
 mod application;
 mod crash;
 mod cutover;
@@ -20,3 +19,4 @@ mod target_role;
 mod trace;
 mod tunnel;
 mod versions;
+mod versions_pairs;

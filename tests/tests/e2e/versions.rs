@@ -270,7 +270,7 @@ pub(crate) fn report_pair(source: u32, target: u32) {
 /// `WALBRIDGE_MATRIX`'s pairs (the CI subset without it), one after the
 /// other: what tests/matrix.sh runs, a pair per process.
 #[test]
-#[ignore = "a pair after another, for tests/matrix.sh; the CI subset runs as across_versions::pair_*"]
+#[ignore = "a pair after another, for tests/matrix.sh; the CI subset runs as versions_pairs::pair_*"]
 fn matrix() {
     let spec = std::env::var("WALBRIDGE_MATRIX").ok();
     for (source, target) in pairs_from(spec.as_deref()) {

@@ -1,7 +1,6 @@
-//! The version matrix's CI subset (see `versions`), a test per pair. The
-//! module's name sorts first on purpose: the test runner starts tests in
-//! name order, and these, the longest, then run beside the others instead
-//! of after them.
+//! The version matrix's CI subset (see `versions`), a test per pair, so
+//! that the six share the test threads. They sort last: started first,
+//! beside the crash and cutover tests, one pair fell behind on two cores.
 
 /// The CI subset, a test per pair so that they run beside the others.
 macro_rules! ci_pairs {
