@@ -294,12 +294,11 @@ async fn lock_holders(client: &Client, tables: &[QualifiedName]) -> Result<Vec<S
     let names: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
     let rows = client
         .query(
-            "WITH RECURSIVE fenced(oid) AS ( \
+            &format!(
+                "WITH RECURSIVE fenced(oid) AS ( \
                SELECT to_regclass(n)::oid FROM unnest($1::text[]) n WHERE to_regclass(n) IS NOT NULL \
                UNION SELECT i.inhrelid FROM pg_inherits i JOIN fenced f ON i.inhparent = f.oid) \
-             SELECT l.relation::regclass::text, l.mode, l.pid, coalesce(a.usename::text, ''), \
-                    coalesce(a.application_name, ''), coalesce(a.state, ''), \
-                    extract(epoch FROM now() - a.xact_start)::float8, p.gid \
+             SELECT l.relation::regclass::text, l.mode, l.pid, {activity}, p.gid \
              FROM pg_locks l \
              LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
              LEFT JOIN pg_locks x ON l.pid IS NULL AND x.pid IS NULL AND x.locktype = 'transactionid' \
@@ -308,6 +307,8 @@ async fn lock_holders(client: &Client, tables: &[QualifiedName]) -> Result<Vec<S
              WHERE l.locktype = 'relation' AND l.granted AND l.mode <> 'AccessShareLock' \
                AND l.relation IN (SELECT oid FROM fenced) AND l.pid IS DISTINCT FROM pg_backend_pid() \
              ORDER BY a.xact_start NULLS FIRST LIMIT 10",
+                activity = crate::blocker::ACTIVITY_COLUMNS
+            ),
             &[&names],
         )
         .await?;
@@ -317,26 +318,10 @@ async fn lock_holders(client: &Client, tables: &[QualifiedName]) -> Result<Vec<S
             let table: String = row.get(0);
             let mode: String = row.get(1);
             match (row.get::<_, Option<i32>>(2), row.get::<_, Option<String>>(7)) {
-                (Some(pid), _) => {
-                    let mut about = Vec::new();
-                    for (name, value) in [
-                        ("user", row.get::<_, String>(3)),
-                        ("application", row.get::<_, String>(4)),
-                        ("state", row.get::<_, String>(5)),
-                    ] {
-                        if !value.is_empty() {
-                            about.push(format!("{name} {value}"));
-                        }
-                    }
-                    if let Some(age) = row.get::<_, Option<f64>>(6) {
-                        about.push(format!("transaction open {age:.0} s"));
-                    }
-                    format!(
-                        "{table} is locked ({mode}) by pid {pid} ({}): let it finish, or end it with SELECT \
-                         pg_terminate_backend({pid})",
-                        about.join(", ")
-                    )
-                }
+                (Some(pid), _) => format!(
+                    "{table} is locked ({mode}) by {}",
+                    crate::blocker::describe(pid, &row, 3, None)
+                ),
                 (None, Some(gid)) => format!(
                     "{table} is locked ({mode}) by prepared transaction '{gid}': COMMIT PREPARED {} or ROLLBACK \
                      PREPARED {}",

@@ -23,6 +23,7 @@
 //!
 //! **Architecture invariant**: only the agent connects to the source.
 
+pub mod blocker;
 pub mod catalog;
 pub mod config;
 pub mod copy;

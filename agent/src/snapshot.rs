@@ -268,7 +268,8 @@ const WALSENDER_EXIT_WAIT: Duration = Duration::from_secs(5);
 async fn blockers(client: &tokio_postgres::Client, pid: i32) -> Result<Vec<String>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "WITH awaited AS ( \
+            &format!(
+                "WITH awaited AS ( \
                SELECT transactionid FROM pg_locks \
                WHERE locktype = 'transactionid' AND pid = $1 AND NOT granted), \
              holders AS ( \
@@ -276,14 +277,15 @@ async fn blockers(client: &tokio_postgres::Client, pid: i32) -> Result<Vec<Strin
                WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted \
                  AND l.pid IS DISTINCT FROM $1 AND l.pid IS DISTINCT FROM pg_backend_pid()) \
              SELECT h.transactionid::text, h.pid, h.transactionid IN (SELECT transactionid FROM awaited), \
-                    coalesce(a.usename::text, ''), coalesce(a.application_name, ''), coalesce(a.state, ''), \
-                    extract(epoch FROM now() - a.xact_start)::float8, \
+                    {activity}, \
                     p.gid, p.database::text, extract(epoch FROM now() - p.prepared)::float8 \
              FROM holders h \
              LEFT JOIN pg_stat_activity a ON a.pid = h.pid \
              LEFT JOIN pg_prepared_xacts p ON p.transaction = h.transactionid \
              ORDER BY 3 DESC, coalesce(a.xact_start, p.prepared) NULLS LAST \
              LIMIT 6",
+                activity = crate::blocker::ACTIVITY_COLUMNS
+            ),
             &[&pid],
         )
         .await?;
@@ -302,26 +304,10 @@ async fn blockers(client: &tokio_postgres::Client, pid: i32) -> Result<Vec<Strin
                 quote_literal(&gid),
                 quote_literal(&gid),
             ),
-            (None, Some(pid)) => {
-                let mut about = vec![format!("xid {xid}")];
-                for (name, value) in [
-                    ("user", row.get::<_, String>(3)),
-                    ("application", row.get::<_, String>(4)),
-                    ("state", row.get::<_, String>(5)),
-                ] {
-                    if !value.is_empty() {
-                        about.push(format!("{name} {value}"));
-                    }
-                }
-                if let Some(age) = row.get::<_, Option<f64>>(6) {
-                    about.push(format!("open {age:.0} s"));
-                }
-                format!(
-                    "{lead} the transaction of pid {pid} ({}): let it finish, or end it with SELECT \
-                     pg_terminate_backend({pid})",
-                    about.join(", ")
-                )
-            }
+            (None, Some(pid)) => format!(
+                "{lead} the transaction of {}",
+                crate::blocker::describe(pid, &row, 3, Some(format!("xid {xid}")))
+            ),
             (None, None) => format!("{lead} transaction {xid}"),
         };
         found.push(described);
