@@ -400,6 +400,7 @@ async fn seal(
         sql
     };
     let mut others = Vec::new();
+    let mut tables = 0;
     for row in &rows {
         let (table, is_published, may_trigger, owned): (String, bool, bool, bool) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
@@ -410,6 +411,7 @@ async fn seal(
             // Already locked by the hold; without the privilege this fails,
             // and so does the seal (preflight checked it).
             script.push_str(&trigger(&table, owned));
+            tables += 1;
         } else if may_trigger {
             others.push((table, owned));
         } else {
@@ -419,22 +421,37 @@ async fn seal(
         }
     }
     client.batch_execute(&script).await?;
-    let mut tables = rows.len() as u32 - notes.len() as u32;
     // Not locked by the hold: a table whose lock does not come soon is
-    // named, not waited for with every write held.
+    // named, not waited for with every write held. All in one round trip
+    // first (writes wait meanwhile); one at a time only if that fails.
     client
         .batch_execute(&format!("SET LOCAL lock_timeout = {}", lock_wait.as_millis().max(1)))
         .await?;
-    for (table, owned) in others {
-        let attempt = format!("SAVEPOINT walbridge_fence_table; {}", trigger(&table, owned));
-        match client.batch_execute(&attempt).await {
-            Ok(()) => client.batch_execute("RELEASE SAVEPOINT walbridge_fence_table").await?,
-            Err(e) => {
-                client
-                    .batch_execute("ROLLBACK TO SAVEPOINT walbridge_fence_table")
-                    .await?;
-                tables -= 1;
-                notes.push(format!("{table} is not fenced: {}", describe(&e)));
+    let all: String = others.iter().map(|(table, owned)| trigger(table, *owned)).collect();
+    let at_once = client
+        .batch_execute(&format!(
+            "SAVEPOINT walbridge_fence_tables; {all} RELEASE SAVEPOINT walbridge_fence_tables"
+        ))
+        .await;
+    if at_once.is_ok() {
+        tables += others.len() as u32;
+    } else {
+        client
+            .batch_execute("ROLLBACK TO SAVEPOINT walbridge_fence_tables")
+            .await?;
+        for (table, owned) in others {
+            let attempt = format!(
+                "SAVEPOINT walbridge_fence_table; {} RELEASE SAVEPOINT walbridge_fence_table",
+                trigger(&table, owned)
+            );
+            match client.batch_execute(&attempt).await {
+                Ok(()) => tables += 1,
+                Err(e) => {
+                    client
+                        .batch_execute("ROLLBACK TO SAVEPOINT walbridge_fence_table")
+                        .await?;
+                    notes.push(format!("{table} is not fenced: {}", describe(&e)));
+                }
             }
         }
     }
@@ -464,7 +481,7 @@ async fn seal(
     // Recorded now, moved after the commit: setval is not transactional,
     // and a seal that rolls back must leave the sequences as they were.
     // The first seal's values stay if a seal is repeated.
-    let sequences = client
+    client
         .execute(
             &format!(
                 "INSERT INTO {SEQUENCES_TABLE} (name, value, is_called) \
@@ -477,7 +494,7 @@ async fn seal(
             ),
             &[],
         )
-        .await? as u32;
+        .await?;
     client.batch_execute("COMMIT").await?;
 
     // Sealed. What follows makes stray use fail sooner; its failure is a
@@ -502,8 +519,7 @@ async fn seal(
             ));
             0
         }
-    }
-    .min(sequences);
+    };
     if !nologin_roles.is_empty() {
         let ended = client
             .query_one(

@@ -342,9 +342,16 @@ fn a_sealed_source_refuses_every_writer_and_only_release_source_lifts_it() {
     let source = Cluster::builder("source").logical().start();
     let m = Migration::new(
         source,
-        &format!("{SCHEMA} CREATE TABLE scratch (id int PRIMARY KEY); INSERT INTO scratch VALUES (1);"),
+        &format!(
+            "{SCHEMA} CREATE TABLE scratch (id int PRIMARY KEY); INSERT INTO scratch VALUES (1); \
+             CREATE TABLE busy (id int PRIMARY KEY);"
+        ),
     );
-    stream(&m, &["--exclude", "public.scratch"]);
+    stream(&m, &["--exclude", "public.scratch", "--exclude", "public.busy"]);
+    // An unpublished table whose lock does not come: named by the seal,
+    // not waited for while every write is held.
+    let busy = Session::open(&m.source.url(DATABASE));
+    busy.execute("BEGIN; LOCK TABLE busy IN ROW EXCLUSIVE MODE").unwrap();
     let app_user = format!(
         "postgres://app_user:app-user-password@{}:{}/{DATABASE}",
         m.source.host(),
@@ -373,6 +380,11 @@ fn a_sealed_source_refuses_every_writer_and_only_release_source_lifts_it() {
         .to_string();
     // orders (published) and scratch (not); one sequence; one role.
     assert!(seal.contains("2 tables fenced, 1 sequences at their limit"), "{seal}");
+    assert!(
+        seal.contains("public.busy is not fenced: canceling statement due to lock timeout"),
+        "{seal}"
+    );
+    busy.execute("ROLLBACK").unwrap();
     assert!(seal.contains("app_user NOLOGIN (1 could log in)"), "{seal}");
 
     // Every kind of writer is refused: one that bypasses ordinary
