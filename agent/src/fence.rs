@@ -112,7 +112,7 @@ pub async fn run(source: Database, mut commands: Streaming<wire::FenceCommand>, 
     match next {
         Ok(Ok(Some(wire::FenceCommand {
             command: Some(Command::Seal(_)),
-        }))) => match seal(&client, &tables, &hold.nologin_roles, limits.table_lock_timeout).await {
+        }))) => match seal(&client, &tables, &hold.nologin_roles, limits).await {
             Ok(sealed) => {
                 crash_point!(fp::AGENT_FENCE_SEALED);
                 tracing::warn!(
@@ -217,7 +217,8 @@ async fn take(
         // can no longer lift the fence.
         let idle_bound = limits.hold_until.saturating_duration_since(now) + SERVER_BOUND_MARGIN;
         let lock = format!(
-            "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {};              SET LOCAL idle_in_transaction_session_timeout = {}; LOCK TABLE {} IN EXCLUSIVE MODE",
+            "BEGIN; SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}; \
+             SET LOCAL idle_in_transaction_session_timeout = {}; LOCK TABLE {} IN EXCLUSIVE MODE",
             table_wait.as_millis(),
             remaining.max(table_wait).as_millis(),
             idle_bound.as_millis(),
@@ -246,7 +247,9 @@ async fn take(
             return Err(crate::fault::status(Fault::new(
                 kind,
                 format!(
-                    "could not fence writes within {} ms: {attempts} attempts, each waiting at most {} ms for a                      table's lock and letting go of all of them in between (last: {}); {}; the source carries on                      unchanged",
+                    "could not fence writes within {} ms: {attempts} attempts, each waiting at most {} ms for a \
+                     table's lock and letting go of all of them in between (last: {}); {}; the source carries on \
+                     unchanged",
                     limits.lock_timeout.as_millis(),
                     limits.table_lock_timeout.as_millis(),
                     describe(&error),
@@ -355,8 +358,23 @@ async fn seal(
     client: &Client,
     published: &[QualifiedName],
     nologin_roles: &[String],
-    lock_wait: Duration,
+    limits: Limits,
 ) -> Result<Sealed, tokio_postgres::Error> {
+    // The lock step's statement_timeout (what was left of its deadline)
+    // would otherwise bound the seal too: the seal gets what is left of
+    // the hold. Tables the hold did not lock wait for theirs at most one
+    // attempt's bound; the published ones are locked already.
+    client
+        .batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+            limits
+                .hold_until
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .max(1),
+            limits.table_lock_timeout.as_millis().max(1)
+        ))
+        .await?;
     let names: Vec<String> = published.iter().map(QualifiedName::quoted).collect();
     // Every table of the database, the published ones (with their
     // partitions) first; walbridge's own schemas and temporary tables
@@ -424,9 +442,6 @@ async fn seal(
     // Not locked by the hold: a table whose lock does not come soon is
     // named, not waited for with every write held. All in one round trip
     // first (writes wait meanwhile); one at a time only if that fails.
-    client
-        .batch_execute(&format!("SET LOCAL lock_timeout = {}", lock_wait.as_millis().max(1)))
-        .await?;
     let all: String = others.iter().map(|(table, owned)| trigger(table, *owned)).collect();
     let at_once = client
         .batch_execute(&format!(
@@ -462,40 +477,34 @@ async fn seal(
             origin_only.join(", ")
         ));
     }
-    let mut roles = 0;
-    for role in nologin_roles {
-        let could_login = client
-            .execute(
-                &format!(
-                    "INSERT INTO {ROLES_TABLE} SELECT rolname FROM pg_roles WHERE rolname = $1 AND rolcanlogin \
-                     ON CONFLICT DO NOTHING"
-                ),
-                &[role],
-            )
-            .await?;
-        client
-            .batch_execute(&format!("ALTER ROLE {} NOLOGIN", quote_ident(role)))
-            .await?;
-        roles += could_login as u32;
-    }
-    // Recorded now, moved after the commit: setval is not transactional,
-    // and a seal that rolls back must leave the sequences as they were.
-    // The first seal's values stay if a seal is repeated.
-    client
+    // The roles that could log in are recorded (only those are let in
+    // again); then, in one round trip, the roles, the sequences recorded to
+    // be moved after the commit (setval is not transactional, and a seal
+    // that rolls back must leave them as they were; the first seal's
+    // values stay if a seal is repeated), and the commit.
+    let roles = client
         .execute(
             &format!(
-                "INSERT INTO {SEQUENCES_TABLE} (name, value, is_called) \
-                 SELECT format('%I.%I', schemaname, sequencename), coalesce(last_value, start_value), \
-                        last_value IS NOT NULL \
-                 FROM pg_sequences \
-                 WHERE NOT cycle AND has_sequence_privilege(format('%I.%I', schemaname, sequencename), \
-                                                            'SELECT, UPDATE') \
+                "INSERT INTO {ROLES_TABLE} SELECT rolname FROM pg_roles WHERE rolname = ANY($1) AND rolcanlogin \
                  ON CONFLICT DO NOTHING"
             ),
-            &[],
+            &[&nologin_roles],
         )
-        .await?;
-    client.batch_execute("COMMIT").await?;
+        .await? as u32;
+    let mut finish: String = nologin_roles
+        .iter()
+        .map(|role| format!("ALTER ROLE {} NOLOGIN; ", quote_ident(role)))
+        .collect();
+    finish.push_str(&format!(
+        "INSERT INTO {SEQUENCES_TABLE} (name, value, is_called) \
+         SELECT format('%I.%I', schemaname, sequencename), coalesce(last_value, start_value), \
+                last_value IS NOT NULL \
+         FROM pg_sequences \
+         WHERE NOT cycle AND has_sequence_privilege(format('%I.%I', schemaname, sequencename), 'SELECT, UPDATE') \
+         ON CONFLICT DO NOTHING; \
+         COMMIT"
+    ));
+    client.batch_execute(&finish).await?;
 
     // Sealed. What follows makes stray use fail sooner; its failure is a
     // note (release-source puts back whatever it did).
@@ -584,8 +593,11 @@ pub struct Released {
 
 /// Removes a sealed fence and puts back what it changed.
 pub async fn release(source: &Database) -> Result<Released, Status> {
+    // Bounded: dropping the triggers waits for each table's lock, and a
+    // release that waits gives up (and is run again) rather than queue
+    // the application's readers behind it.
     let client = source
-        .connect(APPLICATION_NAME)
+        .connect_with(APPLICATION_NAME, &crate::source::QUESTIONS)
         .await
         .map_err(|e| crate::fault::connect_status(&e))?;
     let fail = |e: tokio_postgres::Error| crate::fault::source_status("cannot release the fence", &e);
@@ -599,27 +611,30 @@ pub async fn release(source: &Database) -> Result<Released, Status> {
         .await
         .map_err(fail)?
         .get(0);
-    // A fence sealed by an older agent has no record of these.
-    let mut recorded = [0_i64; 2];
-    for (count, table) in recorded.iter_mut().zip([SEQUENCES_TABLE, ROLES_TABLE]) {
-        let exists = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+    // The seal makes both tables at once; a fence sealed by an older
+    // agent has neither.
+    let recorded: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&SEQUENCES_TABLE])
+        .await
+        .map_err(fail)?
+        .get(0);
+    let (sequences, roles) = if recorded {
+        let row = client
+            .query_one(
+                &format!("SELECT (SELECT count(*) FROM {SEQUENCES_TABLE}), (SELECT count(*) FROM {ROLES_TABLE})"),
+                &[],
+            )
             .await
-            .map_err(fail)?
-            .get(0);
-        if exists {
-            *count = client
-                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-                .await
-                .map_err(fail)?
-                .get(0);
-        }
-    }
+            .map_err(fail)?;
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
+    } else {
+        (0, 0)
+    };
     client.batch_execute(RELEASE_SQL).await.map_err(fail)?;
     Ok(Released {
         tables: tables as u32,
-        sequences: recorded[0] as u32,
-        roles: recorded[1] as u32,
+        sequences: sequences as u32,
+        roles: roles as u32,
     })
 }
 

@@ -37,6 +37,8 @@ pub async fn ensure(client: &Client, name: &str, tables: &[QualifiedName]) -> Re
     let statement = match (exists, via_root) {
         // Partitioned tables without partitions yet, before 13: nothing to list.
         (false, false) if published.is_empty() => format!("CREATE PUBLICATION {name}"),
+        // Again, after a retry: SET TABLE needs a list.
+        (true, false) if published.is_empty() => format!("DROP PUBLICATION {name}; CREATE PUBLICATION {name}"),
         (true, true) => format!(
             "ALTER PUBLICATION {name} SET TABLE {table_list}; \
              ALTER PUBLICATION {name} SET (publish_via_partition_root = true)"

@@ -219,7 +219,7 @@ impl Snapshots {
 /// `pg_locks` and `pg_prepared_xacts`, which every role may read;
 /// `pg_stat_activity` adds state and age where the role may see them.
 async fn blockers_and_cancel(source: &Database, walsender: Option<i32>) -> Vec<String> {
-    let client = match source.connect(APPLICATION_NAME).await {
+    let client = match source.connect_with(APPLICATION_NAME, &QUESTIONS).await {
         Ok(client) => client,
         Err(e) => return vec![format!("what it waits for cannot be read: {e}")],
     };

@@ -68,7 +68,9 @@ impl Monitor {
     pub async fn slot_status(&self, source: &Database, slot: &str) -> Result<wire::SlotStatusResponse, SessionError> {
         let mut watched = self.session.lock().await;
         if watched.open.as_ref().is_none_or(|s| s.client.is_closed()) {
-            let client = source.connect(MONITOR_APPLICATION_NAME).await?;
+            let client = source
+                .connect_with(MONITOR_APPLICATION_NAME, &crate::source::QUESTIONS)
+                .await?;
             let version: i32 = client
                 .query_one("SELECT current_setting('server_version_num')::int4", &[])
                 .await?
