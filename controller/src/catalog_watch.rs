@@ -210,8 +210,14 @@ async fn add_tables(
             .filter(|l| belongs(l) && !accepted.contains(&l.name))
             .map(|l| l.name.clone()),
     );
-    let pre_data = schema::dump_tables(agent, "pre-data", &dumped, record.privileges).await?;
-    schema::apply_in_one_transaction(ctx.target()?, &pre_data, None).await?;
+    // A look cut short after this commit (the agent away, a restart)
+    // finds the tables on the target next time: created once.
+    let client = target::connect(ctx.target()?, Purpose::Control).await?;
+    let missing = missing_on_target(&client, &dumped).await?;
+    if !missing.is_empty() {
+        let pre_data = schema::dump_tables(agent, "pre-data", &missing, record.privileges).await?;
+        schema::apply_in_one_transaction(ctx.target()?, &pre_data, None).await?;
+    }
     agent
         .clone()
         .publish_tables(wire::PublishTablesRequest {
@@ -221,7 +227,6 @@ async fn add_tables(
         })
         .await
         .map_err(|s| crate::fault::agent("cannot publish the new tables", &s))?;
-    let client = target::connect(ctx.target()?, Purpose::Control).await?;
     subscription::refresh_copying_new_tables(&client, &record.subscription).await?;
     for leaf in leaves.iter().filter(|l| belongs(l)) {
         let mut table = leaf.clone();
@@ -242,6 +247,29 @@ async fn add_tables(
     Ok(())
 }
 
+/// Those of `tables` the target does not have yet.
+async fn missing_on_target(
+    client: &tokio_postgres::Client,
+    tables: &[QualifiedName],
+) -> Result<Vec<QualifiedName>, Fault> {
+    let quoted: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
+    let present: Vec<String> = client
+        .query(
+            "SELECT t FROM unnest($1::text[]) t WHERE to_regclass(t) IS NOT NULL",
+            &[&quoted],
+        )
+        .await
+        .map_err(|e| crate::fault::target("cannot look for the new tables on the target", &e))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    Ok(tables
+        .iter()
+        .filter(|t| !present.contains(&t.quoted()))
+        .cloned()
+        .collect())
+}
+
 /// New partitions of published tables: created (and attached) on the
 /// target unless they are there already.
 async fn add_partitions(
@@ -252,17 +280,8 @@ async fn add_partitions(
     look: &mut Look,
 ) -> Result<(), Fault> {
     let client = target::connect(ctx.target()?, Purpose::Control).await?;
-    let mut missing = Vec::new();
-    for partition in &partitions {
-        let exists: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&partition.name.quoted()])
-            .await
-            .map_err(|e| crate::fault::target("cannot look for a partition on the target", &e))?
-            .get(0);
-        if !exists {
-            missing.push(partition.name.clone());
-        }
-    }
+    let names: Vec<QualifiedName> = partitions.iter().map(|p| p.name.clone()).collect();
+    let missing = missing_on_target(&client, &names).await?;
     if !missing.is_empty() {
         let pre_data = schema::dump_tables(agent, "pre-data", &missing, record.privileges).await?;
         schema::apply_in_one_transaction(ctx.target()?, &pre_data, None).await?;
