@@ -152,19 +152,22 @@ impl Runner {
         })
     }
 
-    /// Claims the runner, stopping a running drive first (abort's right).
-    async fn claim_stopping_drive(&self, operation: Operation) -> Result<Claim, RunError> {
+    /// Claims the runner for `operation`, first stopping what runs if it is
+    /// one of `stoppable` (and waiting for it to end). The look at the
+    /// source's new tables is background work that every operation may
+    /// stop (it is safe to cut short); only abort stops a drive.
+    async fn claim_stopping(&self, operation: Operation, stoppable: &[Operation]) -> Result<Claim, RunError> {
         loop {
             match self.claim(operation) {
-                Err(RunError::Busy(Operation::Drive)) => {
+                Err(RunError::Busy(running)) if stoppable.contains(&running) => {
                     let ended = {
-                        let running = self.lock();
-                        let drive = running.as_ref().expect("a drive is running");
-                        drive.cancel.cancel();
-                        drive.ended.clone()
+                        let current = self.lock();
+                        let current = current.as_ref().expect("an operation is running");
+                        current.cancel.cancel();
+                        current.ended.clone()
                     };
                     if tokio::time::timeout(STOP_WAIT, ended.cancelled()).await.is_err() {
-                        return Err(RunError::Busy(Operation::Drive));
+                        return Err(RunError::Busy(running));
                     }
                 }
                 other => return other,
@@ -274,7 +277,9 @@ impl Runner {
     pub async fn cutover(self: &Arc<Self>, options: cutover::Options) -> Result<CutoverReport, RunError> {
         // Claimed first: a second cutover while one runs (phase `cutover`)
         // is told it is busy, not that the phase is wrong.
-        let claim = self.claim(Operation::Cutover)?;
+        let claim = self
+            .claim_stopping(Operation::Cutover, &[Operation::CatalogWatch])
+            .await?;
         let record = self.current()?;
         if record.phase != Phase::Streaming {
             return Err(RunError::Refused(format!(
@@ -330,7 +335,9 @@ impl Runner {
     /// Fails a streaming migration for a fault found while it rests (its
     /// slot lost): nothing can bring it back.
     pub async fn fail_streaming(self: &Arc<Self>, fault: Fault) -> Result<(), RunError> {
-        let claim = self.claim(Operation::Drive)?;
+        let claim = self
+            .claim_stopping(Operation::Drive, &[Operation::CatalogWatch])
+            .await?;
         let record = self.current()?;
         if record.phase == Phase::Streaming {
             fail(&self.ctx, record, fault).await;
@@ -342,7 +349,9 @@ impl Runner {
     /// Stops the migration in any phase but `cut_over` and removes what it
     /// made for replication (`force`: also with the agent gone).
     pub async fn abort(self: &Arc<Self>, force: bool) -> Result<teardown::Removed, RunError> {
-        let claim = self.claim_stopping_drive(Operation::Abort).await?;
+        let claim = self
+            .claim_stopping(Operation::Abort, &[Operation::Drive, Operation::CatalogWatch])
+            .await?;
         let mut record = self.current()?;
         if record.phase == Phase::CutOver {
             return Err(RunError::Refused(format!(
@@ -366,7 +375,9 @@ impl Runner {
 
     /// After a cutover (or a `--copy-only` copy): removes every replication object.
     pub async fn cleanup(self: &Arc<Self>) -> Result<teardown::Removed, RunError> {
-        let claim = self.claim(Operation::Cleanup)?;
+        let claim = self
+            .claim_stopping(Operation::Cleanup, &[Operation::CatalogWatch])
+            .await?;
         let mut record = self.current()?;
         if !matches!(record.phase, Phase::CutOver | Phase::CleanedUp | Phase::Copied) {
             return Err(RunError::Refused(format!(
@@ -387,7 +398,9 @@ impl Runner {
 
     /// Lifts the durable fence a cutover left on the source.
     pub async fn release_source(self: &Arc<Self>) -> Result<(teardown::Removed, Phase), RunError> {
-        let claim = self.claim(Operation::ReleaseSource)?;
+        let claim = self
+            .claim_stopping(Operation::ReleaseSource, &[Operation::CatalogWatch])
+            .await?;
         let mut record = self.current()?;
         let agent = self.connected_agent(&record).await?;
         let ctx = self.ctx.clone();
@@ -423,7 +436,13 @@ impl Runner {
         let Ok(claim) = self.claim(Operation::CatalogWatch) else {
             return;
         };
-        match crate::catalog_watch::look(&self.ctx, &agent, &mut record).await {
+        // An operator's operation cancels it; cut short, the next look
+        // finds what this one made and goes on from there.
+        let looked = tokio::select! {
+            looked = crate::catalog_watch::look(&self.ctx, &agent, &mut record) => looked,
+            _ = claim.cancel.cancelled() => return,
+        };
+        match looked {
             Ok(look) if look.changed => {
                 if let Err(e) = self.ctx.state.save(&record).await {
                     tracing::error!(error = %e, "cannot record the new tables");
@@ -448,7 +467,9 @@ impl Runner {
             )));
         }
         let agent = self.connected_agent(&record).await?;
-        let claim = self.claim(Operation::SyncSchema)?;
+        let claim = self
+            .claim_stopping(Operation::SyncSchema, &[Operation::CatalogWatch])
+            .await?;
         let ctx = self.ctx.clone();
         let task = self.tasks.spawn(async move {
             let synced = crate::drift::sync(&ctx, &agent, &record, dry_run).await;
