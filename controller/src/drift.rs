@@ -35,28 +35,34 @@ pub async fn detect(ctx: &Context, agent: &AgentClient, record: &MigrationRecord
 
 async fn compare_now(ctx: &Context, agent: &AgentClient, record: &MigrationRecord) -> Result<Vec<Drift>, Fault> {
     let tables = tables(ctx, record)?;
-    let source = agent
-        .clone()
-        .table_definitions(wire::TableDefinitionsRequest {
-            tables: tables.iter().cloned().map(name_to_wire).collect(),
-        })
-        .await
-        .map_err(|s| crate::fault::agent("cannot read the source's table definitions", &s))?
-        .into_inner()
-        .definitions
-        .into_iter()
-        .map(|d| TableDefinition::from_row(&d.table, &d.schema, &d.json))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(crate::fault::internal)?;
-    let client = target::connect(ctx.target()?, Purpose::Control).await?;
-    let target = client
-        .query(definition::DEFINITIONS_SQL, &[&definition::table_list(&tables)])
-        .await
-        .map_err(|e| crate::fault::target("cannot read the target's table definitions", &e))?
-        .iter()
-        .map(|row| TableDefinition::from_row(row.get(0), row.get(1), row.get(2)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(crate::fault::internal)?;
+    // Both sides at once: the cutover asks this while writes are fenced.
+    let source = async {
+        agent
+            .clone()
+            .table_definitions(wire::TableDefinitionsRequest {
+                tables: tables.iter().cloned().map(name_to_wire).collect(),
+            })
+            .await
+            .map_err(|s| crate::fault::agent("cannot read the source's table definitions", &s))?
+            .into_inner()
+            .definitions
+            .into_iter()
+            .map(|d| TableDefinition::from_row(&d.table, &d.schema, &d.json))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(crate::fault::internal)
+    };
+    let target = async {
+        let client = target::connect(ctx.target()?, Purpose::Control).await?;
+        client
+            .query(definition::DEFINITIONS_SQL, &[&definition::table_list(&tables)])
+            .await
+            .map_err(|e| crate::fault::target("cannot read the target's table definitions", &e))?
+            .iter()
+            .map(|row| TableDefinition::from_row(row.get(0), row.get(1), row.get(2)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(crate::fault::internal)
+    };
+    let (source, target) = tokio::try_join!(source, target)?;
     Ok(definition::compare(&source, &target))
 }
 

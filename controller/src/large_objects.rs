@@ -58,9 +58,9 @@ pub struct Synced {
 /// Makes the target's large objects the source's (as `snapshot` sees
 /// them): each object copied in one target transaction of its own.
 pub async fn sync(ctx: &Context, agent: &AgentClient, snapshot: &str) -> Result<Synced, Fault> {
-    let source = source_digests(agent, snapshot).await?;
     let client = target::connect(ctx.target()?, Purpose::Copy).await?;
-    let have = target_digests(&client).await?;
+    // Both sides hash every object: at once, the cutover runs this fenced.
+    let (source, have) = tokio::try_join!(source_digests(agent, snapshot), target_digests(&client))?;
     let mut synced = Synced {
         seen: source.len(),
         ..Synced::default()

@@ -149,6 +149,14 @@ pub async fn run(
         return Ok(steps.report);
     }
 
+    if !record.skip_large_objects {
+        // Brought up to date before the fence too, so that the pass while
+        // fenced copies only what changed in between.
+        if let Err(fault) = crate::large_objects::sync(ctx, &agent, "").await {
+            steps.report.error = format!("bringing the large objects up to date failed: {fault}; nothing was fenced");
+            return Ok(steps.report);
+        }
+    }
     record.phase = Phase::Cutover;
     record.detach = Detach::default();
     // The last cutover's report is this one's from now on: one that is
@@ -397,9 +405,11 @@ async fn fence_and_switch(
         // Looked at again now that nothing changes: a table or a column
         // that appeared since the checks before the fence would be left
         // behind by a seal that then refuses its writes.
-        let unseen = crate::catalog_watch::unseen(ctx, agent, record)
-            .await
-            .map_err(|f| format!("cannot look at the source's tables again while fenced: {f}"))?;
+        let (unseen, drift) = tokio::join!(
+            crate::catalog_watch::unseen(ctx, agent, record),
+            crate::drift::detect(ctx, agent, record)
+        );
+        let unseen = unseen.map_err(|f| format!("cannot look at the source's tables again while fenced: {f}"))?;
         if !unseen.is_empty() {
             return Err(format!(
                 "tables were created on the source while the cutover began: {}; they are not migrated yet, so the \
@@ -407,9 +417,7 @@ async fn fence_and_switch(
                 unseen.join(", ")
             ));
         }
-        let drift = crate::drift::detect(ctx, agent, record)
-            .await
-            .map_err(|f| format!("cannot compare the schemas again while fenced: {f}"))?;
+        let drift = drift.map_err(|f| format!("cannot compare the schemas again while fenced: {f}"))?;
         if !drift.is_empty() {
             return Err(format!(
                 "the source's tables changed while the cutover began: {}; the fence is lifted: `walbridge \
@@ -426,8 +434,10 @@ async fn fence_and_switch(
         if !record.skip_large_objects {
             // Not carried by the subscription: the ones created, changed or
             // deleted since the copy, now that nothing writes them.
-            let synced = crate::large_objects::sync(ctx, agent, "")
+            // Bounded by the cutover's deadline: writes wait meanwhile.
+            let synced = tokio::time::timeout(until.remaining(), crate::large_objects::sync(ctx, agent, ""))
                 .await
+                .map_err(|_| "bringing the large objects up to date took past the cutover's deadline".to_owned())?
                 .map_err(|f| format!("bringing the large objects up to date failed: {f}"))?;
             if synced.seen + synced.deleted > 0 {
                 steps.done(
