@@ -49,7 +49,6 @@ pub struct Look {
     pub refusals: Vec<String>,
 }
 
-/// Looks at the source's catalog now and takes in what is new.
 /// What the source has that the migration does not know yet: tables its
 /// selection now covers (to be published) and tables (new partitions
 /// among them) not yet on record. `None` when the selection matches
@@ -110,6 +109,7 @@ pub async fn unseen(ctx: &Context, agent: &AgentClient, record: &MigrationRecord
     Ok(names)
 }
 
+/// Looks at the source's catalog now and takes in what is new.
 pub async fn look(ctx: &Context, agent: &AgentClient, record: &mut MigrationRecord) -> Result<Look, Fault> {
     let mut look = Look::default();
     let Some((new_roots, new_leaves)) = unknown(ctx, agent, record).await? else {

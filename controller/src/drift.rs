@@ -111,13 +111,13 @@ pub async fn sync(
     Ok(synced)
 }
 
-/// One line per difference, for a refusal.
 /// Differences named in one message at most: a refusal travels as a gRPC
 /// status, whose message is an HTTP/2 header, and one naming hundreds of
 /// differences is too big a header for the CLI to read (it sees "h2
 /// protocol error"). `walbridge status` lists them all.
 const DESCRIBED_AT_MOST: usize = 10;
 
+/// One line per difference, for a refusal.
 pub fn describe(drifts: &[Drift]) -> String {
     let mut described = drifts
         .iter()

@@ -30,7 +30,7 @@ use crate::runner::Runner;
 
 /// How often the slot is asked about while the migration holds one.
 const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
-/// Warnings are checked (and the target asked) every this many samples.
+/// Warnings are checked every this many samples.
 const WARN_EVERY: u32 = 5;
 /// A warning still true is logged again after this long.
 const LOG_AGAIN: Duration = Duration::from_secs(60);

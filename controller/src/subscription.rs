@@ -218,10 +218,6 @@ pub fn options(source_version: i32, target_version: i32, slot: &str) -> Vec<Stri
         "create_slot = false".to_owned(),
         format!("slot_name = {}", quote_literal(slot)),
     ];
-    // Not `disable_on_error`: PostgreSQL counts a dropped connection as an
-    // error too, and the tunnel drops whenever the controller or the agent
-    // restarts; a subscription that retries comes back on its own. Large
-    // transactions are streamed while in progress, not spilled.
     if target_version >= 160000 && source_version >= 160000 {
         options.push("streaming = parallel".to_owned());
     } else if target_version >= 140000 && source_version >= 140000 {

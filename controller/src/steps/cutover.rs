@@ -120,16 +120,7 @@ pub async fn run(
     // connection per question while writes wait.
     let target = target::connect(ctx.target()?, Purpose::Control).await?;
 
-    match wait_for_lag(
-        ctx,
-        &target,
-        &mut agent,
-        &record,
-        options.clone(),
-        Until { deadline, stop },
-    )
-    .await
-    {
+    match wait_for_lag(ctx, &target, &mut agent, &record, &options, Until { deadline, stop }).await {
         Ok(lag) => steps.done("lag", lag),
         Err(error) => {
             steps.report.error = error;
@@ -264,7 +255,7 @@ async fn wait_for_lag(
     target: &Client,
     agent: &mut AgentClient,
     record: &MigrationRecord,
-    options: Options,
+    options: &Options,
     until: Until<'_>,
 ) -> Result<String, String> {
     let bound = options.max_lag.as_secs_f64();

@@ -191,13 +191,17 @@ pub async fn remove_everything(
 ) -> Result<Removed, StepError> {
     // An agent that now reaches another source is as good as gone: what
     // the migration made is not on the server it reaches.
-    let (agent, gone) = match super::verified_agent(ctx, record).await {
-        Ok(agent) => (Some(agent), String::new()),
-        Err(refusal) => (None, refusal.to_string()),
+    let (agent, refusal) = match super::verified_agent(ctx, record).await {
+        Ok(agent) => (Some(agent), None),
+        Err(refusal) => (None, Some(refusal)),
     };
-    if agent.is_none() && !force {
+    let gone = refusal.as_ref().map(ToString::to_string).unwrap_or_default();
+    if let Some(refusal) = refusal.filter(|_| !force) {
+        // The refusal's own kind (away, another source, no answer), with
+        // what to do about it here.
+        let fault = refusal.fault();
         return Err(Fault::new(
-            FaultKind::AgentAway,
+            fault.kind,
             format!(
                 "{gone}, and the source's objects are removed through the agent: start it (pointed at the \
                  migration's source), or `walbridge abort --force` to remove what is on the target and print what \
