@@ -527,13 +527,12 @@ impl Cluster {
 
     /// `postgres://postgres:<password>@127.0.0.1:<port>/<database>`
     pub fn url(&self, database: &str) -> String {
-        format!(
-            "postgres://{}:{}@{}:{}/{database}",
-            self.superuser(),
-            self.password,
-            self.host(),
-            self.port
-        )
+        self.url_as(self.superuser(), &self.password, database)
+    }
+
+    /// The URL of `database` for another role, `user` with `password`.
+    pub fn url_as(&self, user: &str, password: &str, database: &str) -> String {
+        format!("postgres://{user}:{password}@{}:{}/{database}", self.host(), self.port)
     }
 
     /// The same URL without the password.

@@ -3,7 +3,7 @@
 //! the cutover with a clear reason.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use harness::Cluster;
@@ -68,11 +68,7 @@ fn with_privileges_the_applications_role_uses_its_tables_on_the_target() {
     m.source.psql(DATABASE, "INSERT INTO orders (amount) VALUES (-1)");
     cut_over(&m);
 
-    let as_app = format!(
-        "postgres://app_user:target-password@{}:{}/{DATABASE}",
-        m.target.host(),
-        m.target.port()
-    );
+    let as_app = m.target.url_as("app_user", "target-password", DATABASE);
     let app = Session::open(&as_app);
     assert_eq!(app.value("SELECT count(*) FROM orders").unwrap(), "101");
     app.execute("INSERT INTO orders (amount) VALUES (7); UPDATE orders SET amount = 8 WHERE amount = 7")
@@ -92,11 +88,7 @@ fn without_privileges_the_report_says_the_target_has_none_of_the_grants() {
         report.contains("the target has none of them"),
         "start's report says so: {report}"
     );
-    let as_app = format!(
-        "postgres://app_user:target-password@{}:{}/{DATABASE}",
-        m.target.host(),
-        m.target.port()
-    );
+    let as_app = m.target.url_as("app_user", "target-password", DATABASE);
     let app = Session::open(&as_app);
     let refused = app.value("SELECT count(*) FROM orders").unwrap_err();
     assert!(
@@ -130,8 +122,7 @@ fn a_truncate_during_streaming_reaches_the_target_and_verify_is_exact() {
         },
     );
     cut_over(&m);
-    let (code, verify, stderr) = m.cli_json(&["verify", "--json"]);
-    assert_eq!(code, Some(0), "verify: {stderr} {verify}");
+    let verify = m.verify_exact();
     assert!(
         verify["tables"]
             .as_array()
@@ -194,17 +185,8 @@ fn a_column_added_during_streaming_shows_as_drift_blocks_the_cutover_until_sync_
     });
     assert!(m.status()["schema_drift"].as_array().unwrap().is_empty());
     cut_over(&m);
-    let acked = writes.join().unwrap();
-    stop.store(true, Ordering::SeqCst);
+    let acked = crate::cutover::stopped_by_fence(writes);
     crate::cutover::assert_acknowledged_on_target(&m, &acked);
-}
-
-fn table_state(m: &Migration, name: &str) -> Option<String> {
-    m.status()["tables"]
-        .as_array()?
-        .iter()
-        .find(|t| t["name"] == name)
-        .map(|t| t["state"].as_str().unwrap_or_default().to_owned())
 }
 
 #[test]
@@ -240,9 +222,9 @@ fn tables_and_partitions_created_during_streaming_are_migrated_exactly() {
          CREATE TABLE scratch (x int)",
     );
     eventually(STREAM_TIMEOUT, "walbridge to take in the new tables", || {
-        (table_state(&m, "public.audit").as_deref() == Some("streamed")
-            && table_state(&m, "public.events_2025").is_some()
-            && table_state(&m, "public.events_2026").is_some())
+        (m.table_state("public.audit").as_deref() == Some("streamed")
+            && m.table_state("public.events_2025").is_some()
+            && m.table_state("public.events_2026").is_some())
         .then_some(())
     });
     m.source.psql(
@@ -266,7 +248,7 @@ fn tables_and_partitions_created_during_streaming_are_migrated_exactly() {
         "ALTER TABLE scratch REPLICA IDENTITY FULL; INSERT INTO scratch VALUES (1), (2)",
     );
     eventually(STREAM_TIMEOUT, "scratch to be taken in", || {
-        (table_state(&m, "public.scratch").as_deref() == Some("streamed")).then_some(())
+        (m.table_state("public.scratch").as_deref() == Some("streamed")).then_some(())
     });
 
     cut_over(&m);
@@ -352,11 +334,7 @@ fn a_sealed_source_refuses_every_writer_and_only_release_source_lifts_it() {
     // not waited for while every write is held.
     let busy = Session::open(&m.source.url(DATABASE));
     busy.execute("BEGIN; LOCK TABLE busy IN ROW EXCLUSIVE MODE").unwrap();
-    let app_user = format!(
-        "postgres://app_user:app-user-password@{}:{}/{DATABASE}",
-        m.source.host(),
-        m.source.port()
-    );
+    let app_user = m.source.url_as("app_user", "app-user-password", DATABASE);
     Session::try_open(&app_user).expect("app_user logs in before the cutover");
     let sequence_before = m.source.psql(DATABASE, "SELECT last_value FROM orders_id_seq");
 
@@ -478,7 +456,7 @@ fn a_table_created_while_the_cutover_holds_the_fence_lifts_it_and_is_migrated_by
 
     m.source.psql(DATABASE, "INSERT INTO late VALUES (2, 'after')");
     eventually(STREAM_TIMEOUT, "late to be taken in", || {
-        (table_state(&m, "public.late").as_deref() == Some("streamed")).then_some(())
+        (m.table_state("public.late").as_deref() == Some("streamed")).then_some(())
     });
     cut_over(&m);
     assert_eq!(

@@ -24,7 +24,7 @@ use harness::daemons::{AGENT, CLI, CONTROLLER, Daemon, binary, eventually};
 use serde_json::Value;
 use walbridge_migration::failpoint as fp;
 
-use crate::cutover::{Acknowledged, SCHEMA, assert_acknowledged_on_target};
+use crate::cutover::{Acknowledged, SCHEMA, assert_acknowledged_on_target, fence_triggers, source_accepts_writes};
 use crate::support::{DATABASE, Install, LINK_TIMEOUT, Migration};
 
 /// How long any one wait of these tests may take.
@@ -184,28 +184,10 @@ impl Walk {
     }
 }
 
-/// A write on the source that does not wait long for a lock.
-fn source_accepts_writes(m: &Migration) -> Result<String, String> {
-    m.source.try_psql(
-        DATABASE,
-        "SET lock_timeout = '5s'; INSERT INTO orders (amount, note) VALUES (-1, 'probe') RETURNING id",
-    )
-}
-
-fn fence_triggers(m: &Migration) -> u64 {
-    m.source
-        .psql(
-            DATABASE,
-            "SELECT count(*) FROM pg_trigger WHERE tgname = 'walbridge_fence'",
-        )
-        .parse()
-        .unwrap()
-}
-
 /// The source is free and the subscription streams: a write on the source
 /// reaches the target.
 fn assert_streaming_again(m: &Migration, after: &str) {
-    assert_eq!(fence_triggers(m), 0, "{after}: rolled back, the fence must be gone");
+    assert_eq!(fence_triggers(m), "0", "{after}: rolled back, the fence must be gone");
     let id = source_accepts_writes(m).unwrap_or_else(|e| panic!("{after}: the source refuses writes: {e}"));
     let deadline = Instant::now() + WAIT;
     while m
@@ -279,7 +261,7 @@ fn assert_nothing_left(m: &Migration) {
         on_source("SELECT count(*) FROM pg_namespace WHERE nspname = 'walbridge_fence'"),
         "0"
     );
-    assert_eq!(fence_triggers(m), 0);
+    assert_eq!(fence_triggers(m), "0");
     assert_eq!(
         on_source("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'"),
         "0"
@@ -741,8 +723,6 @@ fn a_split_table_killed_mid_copy_copies_only_its_unfinished_ranges() {
     assert_eq!(code, Some(0), "verify: {stderr} {verify}");
 }
 
-/// Holds a lock on the target that the subscription's apply worker needs,
-/// and makes it need it: the target cannot catch up while this lives.
 #[test]
 fn a_cutover_outlives_its_cli_and_a_second_one_meanwhile_is_refused_as_busy() {
     let source = Cluster::builder("source").logical().start();

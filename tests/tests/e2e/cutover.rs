@@ -42,6 +42,18 @@ pub(crate) struct Acknowledged {
 
 /// Inserts, updates and deletes on all three tables, each statement in its
 /// own transaction, until a write fails or `stop` is set.
+/// The writer's tally once the fence has stopped it: waited for with a
+/// deadline (a fence that let it write on would otherwise hang the test),
+/// and it must be the fence that stopped it.
+pub(crate) fn stopped_by_fence(writes: std::thread::JoinHandle<Acknowledged>) -> Acknowledged {
+    eventually(STREAM_TIMEOUT, "the fence to stop the writer", || {
+        writes.is_finished().then_some(())
+    });
+    let acked = writes.join().unwrap();
+    assert!(acked.stopped_by.contains("fenced"), "{acked:?}");
+    acked
+}
+
 pub(crate) fn writer(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Acknowledged> {
     std::thread::spawn(move || {
         let session = Session::open(&url);
@@ -134,7 +146,7 @@ pub(crate) fn start_streaming(m: &Migration) {
 pub(crate) fn source_accepts_writes(m: &Migration) -> Result<String, String> {
     m.source.try_psql(
         DATABASE,
-        "SET lock_timeout = '5s'; INSERT INTO orders (amount) VALUES (-1) RETURNING id",
+        "SET lock_timeout = '5s'; INSERT INTO orders (amount, note) VALUES (-1, 'probe') RETURNING id",
     )
 }
 
@@ -187,8 +199,7 @@ fn a_live_migration_cuts_over_with_every_acknowledged_write_and_cleans_up() {
     );
 
     // The writer was stopped by the fence, not by the test.
-    let acked = writes.join().unwrap();
-    stop.store(true, Ordering::SeqCst);
+    let acked = crate::cutover::stopped_by_fence(writes);
     assert!(acked.stopped_by.contains("fenced"), "{acked:?}");
     assert!(acked.ledger_writes > 0 && !acked.events.is_empty());
 
@@ -279,8 +290,6 @@ fn a_cutover_that_cannot_take_its_locks_fails_in_time_and_lifts_the_fence() {
     assert_eq!(status["subscription"], "streaming", "{status}");
 }
 
-/// Holds a lock on the target that the subscription's apply worker needs,
-/// and makes it need it: the target cannot catch up while this lives.
 #[test]
 fn a_cutover_whose_catch_up_times_out_lifts_the_fence() {
     let source = Cluster::builder("source").logical().start();

@@ -165,7 +165,7 @@ fn roles_whose_timeouts_are_shorter_than_the_copy_do_not_cut_it_off() {
                 ALTER ROLE mover SET statement_timeout = '1s'; \
                 ALTER ROLE mover SET idle_in_transaction_session_timeout = '2s'; \
                 ALTER ROLE mover SET idle_session_timeout = '2s';";
-    let url = |cluster: &Cluster| format!("postgres://mover:mover-pw@127.0.0.1:{}/{DATABASE}", cluster.port());
+    let url = |cluster: &Cluster| cluster.url_as("mover", "mover-pw", DATABASE);
     let source = Cluster::builder("source").logical().start();
     source.create_database(DATABASE);
     source.psql(DATABASE, role);

@@ -342,6 +342,28 @@ impl Migration {
 
     /// Starts the migration without waiting for it (the CLI follows it in
     /// the background; the test polls `status`).
+    /// The state `status` gives the table `name`, if it lists it.
+    pub fn table_state(&self, name: &str) -> Option<String> {
+        self.status()["tables"]
+            .as_array()?
+            .iter()
+            .find(|t| t["name"] == name)
+            .map(|t| t["state"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// `verify`, which must find every table exact — and some tables: a
+    /// report of none would pass any check of "all match".
+    pub fn verify_exact(&self) -> serde_json::Value {
+        let (code, verify, stderr) = self.cli_json(&["verify", "--json"]);
+        assert_eq!(code, Some(0), "verify: {stderr} {verify}");
+        assert_eq!(verify["matches"], true, "{verify}");
+        assert!(
+            verify["tables"].as_array().is_some_and(|tables| !tables.is_empty()),
+            "verify compared no table: {verify}"
+        );
+        verify
+    }
+
     pub fn start_in_background(&self, extra: &[&str]) -> std::process::Child {
         let api = self.install.api();
         let mut command = std::process::Command::new(harness::daemons::binary(harness::daemons::CLI));

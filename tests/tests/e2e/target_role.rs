@@ -44,10 +44,7 @@ fn planetscale_target() -> (Cluster, String) {
          pg_create_subscription TO pscale WITH ADMIN OPTION; \
          GRANT CREATE ON DATABASE app TO pscale; CREATE EXTENSION hstore",
     );
-    let url = format!(
-        "postgres://pscale:{PSCALE_PASSWORD}@127.0.0.1:{}/{DATABASE}",
-        target.port()
-    );
+    let url = target.url_as("pscale", PSCALE_PASSWORD, DATABASE);
     (target, url)
 }
 

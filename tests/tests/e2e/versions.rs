@@ -13,7 +13,7 @@
 //! leaves.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use harness::daemons::eventually;
@@ -175,13 +175,6 @@ fn start_streaming(m: &Migration) -> serde_json::Value {
     status
 }
 
-fn verify_exact(m: &Migration) -> serde_json::Value {
-    let (code, verify, stderr) = m.cli_json(&["verify", "--json"]);
-    assert_eq!(code, Some(0), "verify: {stderr} {verify}");
-    assert_eq!(verify["matches"], true, "{verify}");
-    verify
-}
-
 /// What one pair's migration measured.
 struct PairReport {
     copy_seconds: f64,
@@ -235,12 +228,11 @@ fn migrate_pair(source_major: u32, target_major: u32) -> PairReport {
     let cutover_seconds = cutover_started.elapsed().as_secs_f64();
     assert_eq!(code, Some(0), "cutover: {stderr} {cutover}");
     assert_eq!(cutover["done"], true, "{cutover}");
-    let acked = writes.join().unwrap();
-    stop.store(true, Ordering::SeqCst);
+    let acked = crate::cutover::stopped_by_fence(writes);
     assert!(acked.stopped_by.contains("fenced"), "{acked:?}");
     assert!(acked.ledger_writes > 0 && !acked.events.is_empty(), "{acked:?}");
     assert_acknowledged_on_target(&m, &acked);
-    let verify = verify_exact(&m);
+    let verify = m.verify_exact();
     assert_eq!(verify["tables"].as_array().unwrap().len(), 313, "{verify}");
     // The generated column (12+) was computed by the target, the plain one
     // copied: either way the totals agree.
@@ -359,7 +351,7 @@ fn floats_from_postgresql_11_verify_exact_on_postgresql_18() {
     let on_source = rendered(&m.source);
     start_streaming(&m);
     assert_ne!(on_source, rendered(&m.target), "PostgreSQL 11 and 18 render 0.1 alike");
-    let verify = verify_exact(&m);
+    let verify = m.verify_exact();
     assert_eq!(verify["tables"][0]["name"], "public.measures", "{verify}");
     // The values themselves arrived exactly (the copy's text loses nothing).
     for id in [1, 2, 3, 6, 250] {
@@ -383,7 +375,7 @@ fn floats_from_postgresql_11_verify_exact_on_postgresql_18() {
     eventually(STREAM_TIMEOUT, "the streamed row", || {
         (m.target.psql(DATABASE, "SELECT count(*) FROM measures WHERE id = 1000") == "1").then_some(())
     });
-    verify_exact(&m);
+    m.verify_exact();
 }
 
 #[test]
@@ -418,7 +410,7 @@ fn a_partitioned_table_on_postgresql_12_is_migrated_exactly_with_rows_written_wh
          INSERT INTO events (at, payload) SELECT date '2026-01-01' + i, '{\"new\": 1}' FROM generate_series(0, 99) i",
     );
     eventually(STREAM_TIMEOUT, "the new partition to be taken in", || {
-        (table_state(&m, "public.events_2026").as_deref() == Some("streamed")).then_some(())
+        (m.table_state("public.events_2026").as_deref() == Some("streamed")).then_some(())
     });
     m.source.psql(
         DATABASE,
@@ -436,8 +428,7 @@ fn a_partitioned_table_on_postgresql_12_is_migrated_exactly_with_rows_written_wh
     // proves the pair migrates exactly, not how short the downtime is.
     let (code, cutover, stderr) = m.cli_json(&["cutover", "--max-lag", "1h", "--timeout", "300s", "--json"]);
     assert_eq!(code, Some(0), "cutover: {stderr} {cutover}");
-    let acked = writes.join().unwrap();
-    stop.store(true, Ordering::SeqCst);
+    let acked = crate::cutover::stopped_by_fence(writes);
     assert!(acked.stopped_by.contains("fenced"), "{acked:?}");
     assert_acknowledged_on_target(&m, &acked);
     for event in &acked.events {
@@ -460,7 +451,7 @@ fn a_partitioned_table_on_postgresql_12_is_migrated_exactly_with_rows_written_wh
         ),
         "150:1"
     );
-    let verify = verify_exact(&m);
+    let verify = m.verify_exact();
     assert!(verify["tables"].to_string().contains("public.events_2026"), "{verify}");
 }
 
@@ -494,12 +485,4 @@ fn assert_acknowledged_on_target(m: &Migration, acked: &Acknowledged) {
     for event in &acked.events {
         assert!(events.contains(event), "event {event} is on the target");
     }
-}
-
-fn table_state(m: &Migration, name: &str) -> Option<String> {
-    m.status()["tables"]
-        .as_array()?
-        .iter()
-        .find(|t| t["name"] == name)
-        .map(|t| t["state"].as_str().unwrap_or_default().to_owned())
 }
