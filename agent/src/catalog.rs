@@ -49,12 +49,16 @@ pub async fn list_tables(client: &Client) -> Result<Vec<SourceTable>, tokio_post
          LEFT JOIN pg_class p ON p.oid = i.inhparent \
          LEFT JOIN pg_namespace pn ON pn.oid = p.relnamespace \
          WHERE c.relkind IN ('r', 'p', 'm') \
-           AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema', '{own_state}', '{own_fence}') \
            AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
            AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
                            AND d.objid = c.oid AND d.deptype = 'e') \
          GROUP BY n.nspname, c.relname, c.relkind, pn.nspname, p.relname, c.oid, c.relpages \
-         ORDER BY 1, 2"
+         ORDER BY 1, 2",
+        // walbridge's own schemas on the source (the cutover's mark, the
+        // fence) are never the application's tables.
+        own_state = walbridge_migration::mark::STATE_SCHEMA,
+        own_fence = walbridge_migration::fence::SCHEMA,
     );
     let rows = client.query(&sql, &[]).await?;
     Ok(rows

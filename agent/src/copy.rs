@@ -148,6 +148,9 @@ pub async fn dump_schema(source: Database, pg_dump: PgDumpChoice, dump: SchemaDu
             .args(["--schema-only", "--no-owner", "--no-publications", "--no-subscriptions"])
             .args((!privileges).then_some("--no-privileges"))
             .arg(format!("--section={section}"))
+            // walbridge's own schemas on the source are never migrated.
+            .arg(format!("--exclude-schema={}", walbridge_migration::mark::STATE_SCHEMA))
+            .arg(format!("--exclude-schema={}", walbridge_migration::fence::SCHEMA))
             .args((!snapshot.is_empty()).then(|| format!("--snapshot={snapshot}")))
             .envs(source.libpq_environment(APPLICATION_NAME, &SessionPolicy::UNBOUNDED))
             .stdin(Stdio::null())

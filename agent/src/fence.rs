@@ -96,10 +96,16 @@ pub async fn run(source: Database, mut commands: Streaming<wire::FenceCommand>, 
     };
     let limits = Limits::of(&hold, Instant::now());
     let tables = lock_order(hold.tables.into_iter().map(name_from_wire).collect());
-    let client = match take(&source, &tables, &hold.nologin_roles, limits).await {
-        Ok(Taken { client, lsn, attempts }) => {
-            tracing::warn!(migration = %hold.migration, tables = tables.len(), %lsn, attempts, "writes on the source are fenced");
-            send(&events, Event::Held(wire::FenceHeld { lsn, attempts })).await;
+    let mark = hold.mark.clone().map(name_from_wire);
+    let client = match take(&source, &tables, &hold.nologin_roles, mark.as_ref(), limits).await {
+        Ok(Taken {
+            client,
+            lsn,
+            attempts,
+            marked,
+        }) => {
+            tracing::warn!(migration = %hold.migration, tables = tables.len(), %lsn, attempts, marked, "writes on the source are fenced");
+            send(&events, Event::Held(wire::FenceHeld { lsn, attempts, marked })).await;
             crash_point!(fp::AGENT_FENCE_HELD);
             client
         }
@@ -189,6 +195,8 @@ struct Taken {
     client: Client,
     lsn: String,
     attempts: u32,
+    /// The mark is a row of the mark table.
+    marked: bool,
 }
 
 /// Takes the locks and returns the WAL position behind which every
@@ -197,12 +205,28 @@ async fn take(
     source: &Database,
     tables: &[QualifiedName],
     nologin_roles: &[String],
+    mark: Option<&QualifiedName>,
     limits: Limits,
 ) -> Result<Taken, Status> {
     let client = source
         .connect(APPLICATION_NAME)
         .await
         .map_err(|e| crate::fault::connect_status(&e))?;
+    // The mark's session is opened before any lock is taken: connecting
+    // (TLS, authentication) is not paid while writes wait.
+    let marker = source
+        .connect(APPLICATION_NAME)
+        .await
+        .map_err(|e| crate::fault::connect_status(&e))?;
+    let mark = match mark {
+        Some(table) => marker
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.quoted()])
+            .await
+            .map_err(|e| crate::fault::source_status("cannot look for the cutover's mark table", &e))?
+            .get::<_, bool>(0)
+            .then_some(table),
+        None => None,
+    };
     check_nologin_roles(&client, nologin_roles).await?;
     let list: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
     let mut pauses = pauses();
@@ -265,27 +289,45 @@ async fn take(
         tokio::time::sleep(pause).await;
     }
     // Every transaction that wrote to these tables has ended now (the
-    // locks waited for them). A committed WAL record of our own marks the
+    // locks waited for them). A committed transaction of our own marks the
     // point: committed in its own session so that it is flushed at once
     // (an unflushed record waits for the WAL writer, and with writers
     // fenced nothing else flushes it), giving the walsender something to
-    // pass even on an idle source.
-    let marker = source
-        .connect(APPLICATION_NAME)
-        .await
-        .map_err(|e| crate::fault::connect_status(&e))?;
-    let mark = async {
+    // pass even on an idle source. With a mark table it is a row the
+    // subscription carries to the target, where the controller sees it
+    // arrive; without (a migration begun before there was one), a WAL
+    // message, which only the slot's confirmed position shows passed.
+    let marking = async {
         marker.batch_execute("BEGIN; SET LOCAL synchronous_commit = on").await?;
-        let row = marker
-            .query_one("SELECT pg_logical_emit_message(true, 'walbridge', 'fence')::text", &[])
-            .await?;
+        let row =
+            match mark {
+                Some(table) => marker
+                    .query_one(
+                        &format!(
+                            "INSERT INTO {} (fence_lsn) SELECT pg_current_wal_insert_lsn()::text RETURNING fence_lsn",
+                            table.quoted()
+                        ),
+                        &[],
+                    )
+                    .await?,
+                None => {
+                    marker
+                        .query_one("SELECT pg_logical_emit_message(true, 'walbridge', 'fence')::text", &[])
+                        .await?
+                }
+            };
         marker.batch_execute("COMMIT").await?;
         Ok::<String, tokio_postgres::Error>(row.get(0))
     };
-    let lsn = mark
+    let lsn = marking
         .await
         .map_err(|e| crate::fault::source_status("cannot mark the fence in the WAL", &e))?;
-    Ok(Taken { client, lsn, attempts })
+    Ok(Taken {
+        client,
+        lsn,
+        attempts,
+        marked: mark.is_some(),
+    })
 }
 
 /// Who holds a lock on the fenced tables (or their partitions) that an
@@ -388,10 +430,10 @@ async fn seal(
                     has_table_privilege(c.oid, 'TRIGGER'), pg_has_role(c.relowner, 'USAGE') \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' \
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema', $2, 'walbridge_state') \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', $2, $3) \
                AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%' \
              ORDER BY 2 DESC, 1",
-            &[&names, &SCHEMA],
+            &[&names, &SCHEMA, &walbridge_migration::mark::STATE_SCHEMA],
         )
         .await?;
     let mut notes = Vec::new();

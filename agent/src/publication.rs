@@ -15,12 +15,24 @@
 use tokio_postgres::Client;
 use walbridge_migration::ident::{QualifiedName, quote_ident};
 
-/// Creates the publication for `tables`, or makes an existing one of this
-/// name publish exactly them.
-pub async fn ensure(client: &Client, name: &str, tables: &[QualifiedName]) -> Result<(), tokio_postgres::Error> {
+/// Creates the publication for `tables` (and walbridge's `mark` table,
+/// created here if missing), or makes an existing one of this name
+/// publish exactly them.
+pub async fn ensure(
+    client: &Client,
+    name: &str,
+    tables: &[QualifiedName],
+    mark: Option<&QualifiedName>,
+) -> Result<(), tokio_postgres::Error> {
     let version = server_version(client).await?;
     let via_root = version >= PARTITION_ROOTS_PUBLISHED;
     let mut published: Vec<String> = Vec::new();
+    if let Some(mark) = mark {
+        client
+            .batch_execute(&walbridge_migration::mark::create_sql(mark))
+            .await?;
+        published.push(mark.quoted());
+    }
     for table in tables {
         for relation in publishable(client, version, table).await? {
             if !published.contains(&relation) {

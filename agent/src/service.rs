@@ -234,6 +234,7 @@ impl AgentService for Agent {
                     &request.slot,
                     &request.publication,
                     &tables,
+                    request.mark.map(name_from_wire).as_ref(),
                     (request.deadline_ms > 0).then(|| Duration::from_millis(request.deadline_ms)),
                 )
                 .await
@@ -377,8 +378,9 @@ impl AgentService for Agent {
         let span = self.span("drop_replication", &request);
         let request = request.into_inner();
         self.state.snapshots.release_slot(&request.slot);
+        let mark = request.mark.clone().map(name_from_wire);
         let (dropped_slot, dropped_publication) =
-            crate::snapshot::drop_replication(&self.state.source, &request.slot, &request.publication)
+            crate::snapshot::drop_replication(&self.state.source, &request.slot, &request.publication, mark.as_ref())
                 .instrument(span)
                 .await
                 .map_err(|e| crate::fault::session_status(format!("cannot drop {}", request.slot), &e))?;

@@ -92,6 +92,7 @@ impl Snapshots {
         slot: &str,
         publication: &str,
         tables: &[QualifiedName],
+        mark: Option<&QualifiedName>,
         deadline: Option<Duration>,
     ) -> Result<HeldSnapshot, SnapshotError> {
         let client = source
@@ -101,7 +102,7 @@ impl Snapshots {
                 kind: crate::fault::connect_kind(&e),
                 message: e.to_string(),
             })?;
-        crate::publication::ensure(&client, publication, tables)
+        crate::publication::ensure(&client, publication, tables, mark)
             .await
             .map_err(|e| SnapshotError::Publication {
                 publication: publication.to_owned(),
@@ -318,11 +319,13 @@ async fn blockers(client: &tokio_postgres::Client, pid: i32) -> Result<Vec<Strin
 /// How long a drop waits for a just-released slot's walsender to exit.
 const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(10);
 
-/// Drops the slot and the publication if they exist; says which it dropped.
+/// Drops the slot and the publication if they exist (with the
+/// publication, walbridge's `mark` table); says which it dropped.
 pub async fn drop_replication(
     source: &Database,
     slot: &str,
     publication: &str,
+    mark: Option<&QualifiedName>,
 ) -> Result<(bool, bool), walbridge_daemon::pg::SessionError> {
     let client = source.connect_with(APPLICATION_NAME, &QUESTIONS).await?;
     // A slot whose holder has just closed may still show as active while
@@ -356,6 +359,9 @@ pub async fn drop_replication(
         client
             .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(publication)))
             .await?;
+    }
+    if let Some(mark) = mark.filter(|_| !publication.is_empty()) {
+        client.batch_execute(&walbridge_migration::mark::drop_sql(mark)).await?;
     }
     Ok((dropped_slot, dropped_publication))
 }

@@ -41,7 +41,7 @@ async fn create(
 ) -> Result<walbridge_agent::snapshot::HeldSnapshot, SnapshotError> {
     tokio::time::timeout(
         deadline + Duration::from_secs(10),
-        snapshots.create(&source(cluster), "blocked_slot", "pub", tables, Some(deadline)),
+        snapshots.create(&source(cluster), "blocked_slot", "pub", tables, None, Some(deadline)),
     )
     .await
     .expect("the slot's creation gives up at its deadline")

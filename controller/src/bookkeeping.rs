@@ -10,7 +10,7 @@ use walbridge_migration::fault::Fault;
 use walbridge_migration::ident::QualifiedName;
 
 /// walbridge's schema on the target.
-pub const SCHEMA: &str = "walbridge_state";
+pub const SCHEMA: &str = walbridge_migration::mark::STATE_SCHEMA;
 
 /// Creates the schema and its tables if missing.
 pub async fn ensure(client: &Client) -> Result<(), Fault> {

@@ -9,6 +9,7 @@
 //! * [`failpoint`]: the names of the daemons' crash points.
 //! * [`fence`]: the durable write fence's names and the script that lifts it.
 //! * [`finding`]: what preflight reports.
+//! * [`mark`]: the row the cutover's fence commits and the target waits for.
 //! * [`role_settings`]: `ALTER ROLE/DATABASE ... SET` in force for roles
 //!   whose sessions walbridge does not open (the subscription's).
 //! * [`script`]: pg_dump's SQL script split into statements.
@@ -26,6 +27,7 @@ pub mod fence;
 pub mod finding;
 pub mod ident;
 pub mod lsn;
+pub mod mark;
 pub mod role_settings;
 pub mod script;
 pub mod selection;

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use walbridge_daemon::crash_point;
 use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, Policy};
+use walbridge_migration::ident::QualifiedName;
 use walbridge_migration::lsn::Lsn;
 use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
@@ -34,8 +35,11 @@ use crate::registry::AgentClient;
 use crate::subscription::{self, State};
 use crate::target::{self, Purpose};
 
-/// How often lag and catch-up are polled.
+/// How often lag (and catch-up on the slot) are polled.
 const POLL: Duration = Duration::from_millis(25);
+/// How often the target is asked for the fence's mark: writes wait
+/// meanwhile, and each question is one indexless look at a few rows.
+const MARK_POLL: Duration = Duration::from_millis(2);
 /// How long the fence waits for any one table's lock per attempt: writers
 /// on the tables it already holds wait about this long at most, each time.
 const FENCE_TABLE_LOCK_TIMEOUT: Duration = Duration::from_millis(200);
@@ -236,8 +240,13 @@ impl Until<'_> {
 
     /// Waits one poll; an error once the controller stops.
     async fn poll(&self) -> Result<(), String> {
+        self.wait(POLL).await
+    }
+
+    /// Waits `pause`; an error once the controller stops.
+    async fn wait(&self, pause: Duration) -> Result<(), String> {
         tokio::select! {
-            _ = tokio::time::sleep(POLL) => Ok(()),
+            _ = tokio::time::sleep(pause) => Ok(()),
             _ = self.stop.cancelled() => Err("the controller is shutting down".to_owned()),
         }
     }
@@ -354,6 +363,7 @@ async fn fence_and_switch(
     until: Until<'_>,
 ) -> Result<(), String> {
     let (commands, command_stream) = mpsc::channel(2);
+    let mark = walbridge_migration::mark::table(&record.id);
     let hold = wire::FenceHold {
         migration: record.id.clone(),
         tables: record.publication_tables.iter().cloned().map(name_to_wire).collect(),
@@ -363,6 +373,7 @@ async fn fence_and_switch(
         // and the source's server one whose agent is cut off.
         max_hold_ms: (until.remaining() + FENCE_HOLD_MARGIN).as_millis() as u64,
         nologin_roles: nologin_roles.to_vec(),
+        mark: Some(name_to_wire(mark.clone())),
     };
     let _ = commands
         .send(wire::FenceCommand {
@@ -375,10 +386,10 @@ async fn fence_and_switch(
         .await
         .map_err(|s| s.message().to_owned())?
         .into_inner();
-    let (fence_lsn, attempts) = match events.message().await {
+    let (fence_lsn, attempts, marked) = match events.message().await {
         Ok(Some(wire::FenceEvent {
             event: Some(Event::Held(held)),
-        })) => (held.lsn, held.attempts),
+        })) => (held.lsn, held.attempts, held.marked),
         Ok(_) => return Err("the agent ended the fence before holding it".to_owned()),
         Err(status) => return Err(status.message().to_owned()),
     };
@@ -391,8 +402,16 @@ async fn fence_and_switch(
     crash_point!(fp::CUTOVER_FENCED);
 
     let before_seal = async {
-        catch_up(agent, &record.slot, &fence_lsn, until).await?;
-        steps.done("catch up", format!("the target applied everything up to {fence_lsn}"));
+        if marked {
+            catch_up_on_target(target, &mark, &fence_lsn, until).await?;
+            steps.done(
+                "catch up",
+                format!("the target applied everything up to {fence_lsn}, on disk there (the fence's mark arrived)"),
+            );
+        } else {
+            catch_up(agent, &record.slot, &fence_lsn, until).await?;
+            steps.done("catch up", format!("the target applied everything up to {fence_lsn}"));
+        }
         // Looked at again now that nothing changes: a table or a column
         // that appeared since the checks before the fence would be left
         // behind by a seal that then refuses its writes.
@@ -553,8 +572,69 @@ async fn lift(commands: &mpsc::Sender<wire::FenceCommand>, events: &mut tonic::S
     let _ = tokio::time::timeout(Duration::from_secs(10), events.message()).await;
 }
 
+/// Waits until the fence's mark shows on the target, then makes what the
+/// target applied durable there.
+///
+/// Why this is as safe as waiting for the slot's confirmed position (the
+/// subscriber's report that it flushed past the fence): the subscription
+/// applies the source's transactions one at a time in their commit order,
+/// so once the mark's row is visible, every write the source committed
+/// before the fence is committed on the target too — but the apply worker
+/// commits asynchronously, so perhaps not yet on disk. The transaction
+/// committed next, with `synchronous_commit = on` and an xid of its own,
+/// flushes the target's WAL up to its own commit record, which lies after
+/// every commit the apply worker made before the mark was seen: from then
+/// on a crash of the target loses none of them. The subscriber's report
+/// would have said the same, a WAL writer's delay or two later.
+async fn catch_up_on_target(
+    target: &Client,
+    mark: &QualifiedName,
+    fence_lsn: &str,
+    until: Until<'_>,
+) -> Result<(), String> {
+    let failed = |e: tokio_postgres::Error| {
+        format!(
+            "cannot look for the fence's mark on the target: {}",
+            walbridge_daemon::pg::describe(&e)
+        )
+    };
+    let arrived = target
+        .prepare(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE fence_lsn = $1)",
+            mark.quoted()
+        ))
+        .await
+        .map_err(failed)?;
+    loop {
+        if target
+            .query_one(&arrived, &[&fence_lsn])
+            .await
+            .map_err(failed)?
+            .get::<_, bool>(0)
+        {
+            break;
+        }
+        if Instant::now() >= until.deadline {
+            return Err(format!(
+                "the target did not catch up to the fence ({fence_lsn}) in time: its mark has not arrived"
+            ));
+        }
+        until.wait(MARK_POLL).await?;
+    }
+    target
+        .batch_execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT")
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot make the applied writes durable on the target: {}",
+                walbridge_daemon::pg::describe(&e)
+            )
+        })
+}
+
 /// Waits until the slot's confirmed position passes the fence: the target
-/// has applied and flushed every write the source committed before it.
+/// has applied and flushed every write the source committed before it
+/// (for a migration whose source has no mark table).
 async fn catch_up(agent: &AgentClient, slot: &str, fence_lsn: &str, until: Until<'_>) -> Result<(), String> {
     let fence = Lsn::from_str(fence_lsn).map_err(|e| e.to_string())?;
     loop {

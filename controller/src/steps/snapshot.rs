@@ -23,6 +23,7 @@ pub async fn run(ctx: &Context, agent: &AgentClient, record: &mut MigrationRecor
             .drop_replication(wire::DropReplicationRequest {
                 slot: slot.clone(),
                 publication: String::new(),
+                mark: None,
             })
             .await
             .map_err(|s| crate::fault::agent(format!("cannot drop the old slot {slot}"), &s))?;
@@ -34,6 +35,7 @@ pub async fn run(ctx: &Context, agent: &AgentClient, record: &mut MigrationRecor
             slot: record.slot.clone(),
             publication: record.publication.clone(),
             tables: record.publication_tables.iter().cloned().map(name_to_wire).collect(),
+            mark: Some(name_to_wire(walbridge_migration::mark::table(&record.id))),
             deadline_ms: ctx.settings.snapshot_create_timeout.as_millis() as u64,
         })
         .await

@@ -8,6 +8,7 @@
 
 use walbridge_daemon::crash_point;
 use walbridge_migration::failpoint as fp;
+use walbridge_migration::mark;
 use walbridge_proto::v1 as wire;
 
 use super::{StepError, save};
@@ -35,6 +36,12 @@ pub async fn run(ctx: &Context, agent: &AgentClient, record: &mut MigrationRecor
         publication: &record.publication,
         slot: &record.slot,
     };
+    // The publication carries the cutover's mark table: the target needs
+    // it under the same name before the first mark arrives.
+    client
+        .batch_execute(&mark::create_sql(&mark::table(&record.id)))
+        .await
+        .map_err(|e| crate::fault::target("cannot create walbridge's mark table on the target", &e))?;
     let oid = subscription::create(&client, names, &source, &route, &ctx.settings.subscription_tls).await?;
     tracing::info!(subscription = %record.subscription, role = %source.user, direct = record.direct, "subscription created");
     crash_point!(fp::SUBSCRIBE_CREATED);

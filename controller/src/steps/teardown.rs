@@ -9,6 +9,8 @@ use walbridge_daemon::crash_point;
 use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, FaultKind};
 use walbridge_migration::ident::{quote_ident, quote_literal};
+use walbridge_migration::mark;
+use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
 
 use super::StepError;
@@ -32,7 +34,7 @@ pub struct Removed {
 
 /// Releases everything a migration holds for replication on the source:
 /// its snapshot, its slots (current and abandoned: they retain WAL), its
-/// publication and the subscription's role. All are attempted.
+/// publication (with the cutover's mark table) and the subscription's role. All are attempted.
 pub async fn release_replication(agent: &AgentClient, record: &MigrationRecord) -> Removed {
     let mut released = Removed::default();
     if let Some(snapshot) = record.snapshot.as_ref().filter(|s| !s.released)
@@ -59,6 +61,7 @@ pub async fn release_replication(agent: &AgentClient, record: &MigrationRecord) 
             .drop_replication(wire::DropReplicationRequest {
                 slot: slot.clone(),
                 publication: publication.clone(),
+                mark: (!publication.is_empty()).then(|| name_to_wire(mark::table(&record.id))),
             })
             .await
         {
@@ -139,6 +142,7 @@ pub fn source_leftovers(record: &MigrationRecord) -> Vec<String> {
         "DROP PUBLICATION IF EXISTS {};",
         quote_ident(&record.publication)
     ));
+    sql.push(format!("{};", mark::drop_sql(&mark::table(&record.id))));
     if !record.subscription_role.is_empty() {
         sql.push(format!(
             "DROP ROLE IF EXISTS {};",

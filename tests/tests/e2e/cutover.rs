@@ -150,6 +150,21 @@ pub(crate) fn source_accepts_writes(m: &Migration) -> Result<String, String> {
     )
 }
 
+/// walbridge's schema (the cutover's mark table; on the target also the
+/// bookkeeping) is gone from both servers.
+fn assert_no_walbridge_state(m: &Migration) {
+    for (side, cluster) in [("source", &m.source), ("target", &m.target)] {
+        assert_eq!(
+            cluster.psql(
+                DATABASE,
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'walbridge_state'"
+            ),
+            "0",
+            "walbridge_state is left on the {side}"
+        );
+    }
+}
+
 pub(crate) fn fence_triggers(m: &Migration) -> String {
     m.source.psql(
         DATABASE,
@@ -197,6 +212,9 @@ fn a_live_migration_cuts_over_with_every_acknowledged_write_and_cleans_up() {
         steps,
         ["lag", "fence", "catch up", "recheck", "sequences", "seal", "detach"]
     );
+    // Caught up on the target itself: the fence's mark arrived there.
+    let catch_up = cutover["steps"][2]["detail"].as_str().unwrap();
+    assert!(catch_up.contains("the fence's mark arrived"), "{cutover}");
 
     // The writer was stopped by the fence, not by the test.
     let acked = crate::cutover::stopped_by_fence(writes);
@@ -258,6 +276,7 @@ fn a_live_migration_cuts_over_with_every_acknowledged_write_and_cleans_up() {
         m.target.psql(DATABASE, "SELECT count(*) FROM pg_replication_origin"),
         "0"
     );
+    assert_no_walbridge_state(&m);
     let (code, again, stderr) = m.cli_json(&["cleanup", "--json"]);
     assert_eq!(code, Some(0), "second cleanup: {stderr}");
     assert_eq!(again["removed"].as_array().unwrap().len(), 0, "{again}");
@@ -307,6 +326,34 @@ fn a_cutover_whose_catch_up_times_out_lifts_the_fence() {
     assert_eq!(fence_triggers(&m), "0");
     stall.execute("ROLLBACK").unwrap();
     assert_eq!(m.status()["phase"], "streaming");
+}
+
+#[test]
+fn a_source_without_the_mark_table_cuts_over_on_the_slots_confirmed_position() {
+    // As a migration begun before the fence had a mark table: the fence
+    // marks the WAL instead, and only the slot shows the target past it.
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(source, SCHEMA);
+    start_streaming(&m);
+    let mark = m.source.psql(
+        DATABASE,
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE schemaname = 'walbridge_state'",
+    );
+    assert!(mark.starts_with("walbridge_state.cutover_mark_"), "{mark:?}");
+    m.source.psql(DATABASE, &format!("DROP TABLE {mark}"));
+    m.source.psql(DATABASE, "INSERT INTO orders (amount) VALUES (987654)");
+
+    let (code, cutover, stderr) = m.cli_json(&["cutover", "--max-lag", "1h", "--timeout", "60s", "--json"]);
+    assert_eq!(code, Some(0), "cutover: {stderr} {cutover}");
+    let catch_up = cutover["steps"][2].to_string();
+    assert!(catch_up.contains("catch up") && !catch_up.contains("mark"), "{cutover}");
+    assert_eq!(
+        m.target
+            .psql(DATABASE, "SELECT count(*) FROM orders WHERE amount = 987654"),
+        "1"
+    );
+    let (code, verify, stderr) = m.cli_json(&["verify", "--json"]);
+    assert_eq!(code, Some(0), "verify: {stderr} {verify}");
 }
 
 #[test]
@@ -439,6 +486,7 @@ fn abort_while_streaming_removes_the_replication_objects_on_both_sides() {
         m.target.psql(DATABASE, "SELECT count(*) FROM pg_replication_origin"),
         "0"
     );
+    assert_no_walbridge_state(&m);
     let (code, again, _) = m.cli_json(&["abort", "--json"]);
     assert_eq!(code, Some(0));
     assert_eq!(again["removed"].as_array().unwrap().len(), 0, "{again}");
