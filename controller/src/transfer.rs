@@ -72,7 +72,9 @@ pub async fn copy_table(
         .map_err(|s| crate::fault::agent(format!("copy of {table} failed on the source"), &s))?
         .into_inner();
     let sink = client
-        .copy_in::<_, Bytes>(&copy::copy_in(table, columns))
+        // A whole table is emptied in this transaction, so its rows may be
+        // written frozen; a page range shares the table with other ranges.
+        .copy_in::<_, Bytes>(&copy::copy_in(table, columns, range.is_none()))
         .await
         .map_err(|e| crate::fault::target(format!("COPY into {table} failed on the target"), &e))?;
     pin_mut!(sink);
@@ -170,6 +172,17 @@ pub async fn compare(
         source: (source.rows, source.checksum),
         target: target?,
     })
+}
+
+/// Gathers the planner's statistics of a copied table on the target, so
+/// that the first plans after the cutover are not those of an empty table
+/// (autovacuum would get there, minutes later). Safe to repeat.
+pub async fn analyze(target: &Database, table: &QualifiedName) -> Result<(), Fault> {
+    let client = target::connect(target, Purpose::Copy).await?;
+    client
+        .batch_execute(&format!("ANALYZE {}", table.quoted()))
+        .await
+        .map_err(|e| crate::fault::target(format!("ANALYZE of {table} failed on the target"), &e))
 }
 
 /// Empties tables on the target (all in one statement: they may refer to

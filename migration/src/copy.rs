@@ -63,9 +63,13 @@ pub fn copy_out(table: &QualifiedName, columns: &[String], range: Option<PageRan
     }
 }
 
-/// `COPY ... FROM STDIN` for the target.
-pub fn copy_in(table: &QualifiedName, columns: &[String]) -> String {
-    format!("COPY {} ({}) FROM STDIN", table.quoted(), column_list(columns))
+/// `COPY ... FROM STDIN` for the target. `freeze` when the table was
+/// emptied (or created) in the same transaction: the rows are written
+/// frozen and all-visible, so the target's first reads and vacuums do not
+/// rewrite every page to set hint bits and freeze them.
+pub fn copy_in(table: &QualifiedName, columns: &[String], freeze: bool) -> String {
+    let options = if freeze { " WITH (FREEZE)" } else { "" };
+    format!("COPY {} ({}) FROM STDIN{options}", table.quoted(), column_list(columns))
 }
 
 /// Row count and an order-independent content checksum: the sum of a
@@ -133,8 +137,12 @@ mod tests {
             "COPY \"Sales\".\"order\" (id, \"Total Amount\") TO STDOUT"
         );
         assert_eq!(
-            copy_in(&t, &cols),
+            copy_in(&t, &cols, false),
             "COPY \"Sales\".\"order\" (id, \"Total Amount\") FROM STDIN"
+        );
+        assert_eq!(
+            copy_in(&t, &cols, true),
+            "COPY \"Sales\".\"order\" (id, \"Total Amount\") FROM STDIN WITH (FREEZE)"
         );
         assert!(checksum(&t, &cols).contains("ROW(id, \"Total Amount\")::text"));
         assert!(checksum(&t, &cols).ends_with("FROM ONLY \"Sales\".\"order\""));

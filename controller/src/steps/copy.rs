@@ -18,7 +18,7 @@ use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, FaultKind};
 use walbridge_migration::ident::QualifiedName;
 
-use super::{StepError, retrying, save, snapshot};
+use super::{StepError, retrying, retrying_on_target, save, snapshot};
 use crate::migration::{Context, MigrationRecord, Phase, TableRecord, TableState, slot_name};
 use crate::{bookkeeping, transfer};
 
@@ -82,7 +82,9 @@ pub async fn run(ctx: &Context, record: &mut MigrationRecord) -> Result<(), Step
         table.bytes = committed.iter().map(|u| u.bytes).sum();
         table.wire_bytes = committed.iter().map(|u| u.wire_bytes).sum();
         if todo.is_empty() {
-            // Committed on the target before a crash: recorded now.
+            // Committed on the target before a crash: recorded now (its
+            // statistics may not have been gathered yet).
+            analyze(ctx, &table.name).await?;
             table.state = TableState::Copied;
             ctx.state.save_table(&table).await?;
             if record.verify {
@@ -193,6 +195,9 @@ async fn copy_unit(
     let Some(table) = finished else {
         return Ok(());
     };
+    // Before the table counts as copied: a crash in between analyzes it
+    // again on resume (the committed-before-a-crash path above).
+    analyze(ctx, &name).await?;
     ctx.state.clear_progress(Some(&name));
     ctx.state.save_table(&table).await?;
     tracing::info!(table = %table.name, rows = table.rows, bytes = table.bytes, seconds = table.copy_seconds, "table copied");
@@ -200,6 +205,15 @@ async fn copy_unit(
         verify(ctx, record, table).await?;
     }
     Ok(())
+}
+
+/// The planner's statistics of a copied table, gathered on the target.
+async fn analyze(ctx: &Context, table: &QualifiedName) -> Result<(), StepError> {
+    let target = ctx.target()?;
+    retrying_on_target(ctx, &format!("ANALYZE of {table}"), || async {
+        Ok(transfer::analyze(target, table).await?)
+    })
+    .await
 }
 
 /// Proves a copied table equal to the snapshot: row count and checksum on

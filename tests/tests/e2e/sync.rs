@@ -204,7 +204,9 @@ fn a_large_table_is_copied_in_parallel_page_ranges_exactly() {
         source,
         "CREATE TABLE wide (id int PRIMARY KEY, pad text); \
          INSERT INTO wide SELECT i, repeat(md5(i::text), 6) FROM generate_series(1, 30000) i; \
-         DELETE FROM wide WHERE id % 7 = 0;",
+         DELETE FROM wide WHERE id % 7 = 0; \
+         CREATE TABLE narrow (id int PRIMARY KEY, note text); \
+         INSERT INTO narrow SELECT i, md5(i::text) FROM generate_series(1, 5000) i;",
         &["--copy-split-bytes", "1000000"],
     );
     let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json", "--parallel", "3"]);
@@ -219,6 +221,32 @@ fn a_large_table_is_copied_in_parallel_page_ranges_exactly() {
     assert!(wire > 0 && wire * 2 < raw, "raw {raw} bytes, wire {wire}: {wide}");
     let (code, verify, stderr) = m.cli_json(&["verify", "--json"]);
     assert_eq!(code, Some(0), "{stderr} {verify}");
+
+    // Every copied table has its planner statistics on the target (a
+    // manual ANALYZE: autovacuum's would be last_autoanalyze).
+    assert_eq!(
+        m.target.psql(
+            DATABASE,
+            "SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_stat_user_tables \
+             WHERE schemaname = 'public' AND last_analyze IS NOT NULL"
+        ),
+        "narrow,wide"
+    );
+    // A whole table was emptied and loaded in one transaction, so its rows
+    // went in frozen: every page all-frozen without a vacuum. The split
+    // table's ranges commit apart and cannot be.
+    m.target.psql(DATABASE, "CREATE EXTENSION pg_visibility");
+    let frozen = |table: &str| {
+        m.target.psql(
+            DATABASE,
+            &format!(
+                "SELECT (all_frozen = pg_relation_size('{table}') / current_setting('block_size')::int)::text \
+                 FROM pg_visibility_map_summary('{table}')"
+            ),
+        )
+    };
+    assert_eq!(frozen("narrow"), "true");
+    assert_eq!(frozen("wide"), "false");
 }
 
 #[test]
