@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Cutover benchmark: under a steady pgbench write load on the source,
-# migrate, stream, and cut over — once through the tunnel, once with
-# --direct, in the same run — and report the write downtime (as walbridge
-# measures it, fence to detach, and as the writer sees it, last commit on
-# the source to the cutover's end), the lag before cutover, and the
-# tunnel's overhead (steady-state lag and source TPS, tunnel vs direct).
+# migrate, stream and cut over, RUNS times through the tunnel and RUNS
+# times with --direct, alternating (so both see the same machine), and
+# report the write downtime — as walbridge measures it (fence to detach)
+# and as the writer saw it (its last commit on the source to the cutover's
+# end) — as p50 / p99 / max, the steps' medians, and the tunnel's overhead
+# (steady-state lag and source TPS, tunnel vs direct).
 #
-#   bash bench/cutover.sh                 # SCALE=10 RATE=400 CLIENTS=4 SEQUENCES=0
+#   bash bench/cutover.sh            # RUNS=10 SCALE=10 RATE=500 CLIENTS=4 STEADY_SECONDS=5 SEQUENCES=0
 #
 # Needs: PostgreSQL server binaries, pgbench, python3, cargo.
 set -euo pipefail
 
+RUNS=${RUNS:-10}
 SCALE=${SCALE:-10}
-RATE=${RATE:-400}
+RATE=${RATE:-500}
 CLIENTS=${CLIENTS:-4}
-STEADY_SECONDS=${STEADY_SECONDS:-15}
+STEADY_SECONDS=${STEADY_SECONDS:-5}
 SEQUENCES=${SEQUENCES:-0}
 source "$(dirname "$0")/lib.sh"
 
@@ -28,7 +30,8 @@ if [ "$SEQUENCES" -gt 0 ]; then
   END LOOP; END \$\$"
 fi
 
-# One migration under load; $1 is the label, $2... extra `start` flags.
+# One migration under load, cut over, cleaned up and the source's fence
+# released for the next; $1 is the label, $2... extra `start` flags.
 run() {
   local label=$1
   shift
@@ -60,25 +63,26 @@ run() {
   "$bin/walbridge" --api "$api" cutover --max-lag 1s --timeout 60s --json >"$work/$label.cutover.json" ||
     { cat "$work/$label.cutover.json" >&2; exit 1; }
   now >"$work/$label.cutover.end"
+  # The fence stops the writer (its clients fail once it is sealed).
   wait "$writer" 2>/dev/null || true
   "$bin/walbridge" --api "$api" cleanup >/dev/null
+  "$bin/walbridge" --api "$api" release-source >/dev/null
   stop_walbridge
 }
 
-run tunnel
-run direct --direct
+for i in $(seq 1 "$RUNS"); do
+  run "tunnel$i"
+  run "direct$i" --direct
+done
 
-python3 - "$work" "$RATE" <<'EOF'
-import glob, json, sys
-work, rate = sys.argv[1], sys.argv[2]
+python3 - "$work" "$RATE" "$RUNS" <<'EOF'
+import glob, json, math, statistics, sys
+work, rate, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
 def figures(label):
     samples = [json.loads(line) for line in open(f"{work}/{label}.lag") if line.strip()]
     streaming = [s for s in samples if s["subscription"] == "streaming"]
-    lag_s = sum(s["lag_seconds"] for s in streaming) / max(len(streaming), 1)
-    lag_b = sum(s["lag_bytes"] for s in streaming) / max(len(streaming), 1)
     first, last, t0, t1 = open(f"{work}/{label}.tps").read().split()
-    tps = (int(last) - int(first)) / (float(t1) - float(t0))
     cutover = json.load(open(f"{work}/{label}.cutover.json"))
     end = float(open(f"{work}/{label}.cutover.end").read())
     last_commit = 0.0
@@ -90,22 +94,33 @@ def figures(label):
             if len(parts) >= 6 and parts[2].isdigit():
                 last_commit = max(last_commit, int(parts[4]) + int(parts[5]) / 1e6)
     return {
-        "lag_s": lag_s, "lag_b": lag_b, "tps": tps,
+        "lag_s": statistics.fmean(s["lag_seconds"] for s in streaming) if streaming else math.nan,
+        "tps": (int(last) - int(first)) / (float(t1) - float(t0)),
         "downtime": cutover["write_downtime_seconds"],
-        "writer_downtime": end - last_commit if last_commit else float("nan"),
-        "lag_before": next((s["detail"] for s in cutover["steps"] if s["name"] == "lag"), ""),
-        "steps": ", ".join(f"{s['name']} {s['seconds']:.3f}s" for s in cutover["steps"]),
+        "writer_downtime": end - last_commit if last_commit else math.nan,
+        "steps": {s["name"]: s["seconds"] for s in cutover["steps"]},
     }
 
-t, d = figures("tunnel"), figures("direct")
-print(f"\nsteady load: pgbench -R {rate}; figures averaged over the streaming samples")
-print(f"{'':24}{'tunnel':>12}{'direct':>12}   tunnel/direct")
-for key, name, fmt in [("lag_s", "lag (s)", "{:.3f}"), ("lag_b", "lag (bytes)", "{:.0f}"),
-                       ("tps", "source TPS (all xacts)", "{:.0f}"),
-                       ("downtime", "downtime fence->done", "{:.3f}"),
-                       ("writer_downtime", "downtime as writer saw", "{:.3f}")]:
-    ratio = t[key] / d[key] if d[key] else float("nan")
-    print(f"{name:24}{fmt.format(t[key]):>12}{fmt.format(d[key]):>12}   {ratio:.2f}")
-for label, f in (("tunnel", t), ("direct", d)):
-    print(f"{label}: lag before cutover {f['lag_before']}; steps: {f['steps']}")
+def percentile(values, p):
+    # Nearest rank: with 10 runs, p99 is the worst one.
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+route = {name: [figures(f"{name}{i}") for i in range(1, runs + 1)] for name in ("tunnel", "direct")}
+print(f"\n{runs} cutovers each under pgbench -c 4 -R {rate}; write downtime in ms")
+print(f"{'':28}{'p50':>8}{'p99':>8}{'max':>8}")
+for name, runs_of in route.items():
+    for key, what in (("writer_downtime", "as the writer saw it"), ("downtime", "fence to detach")):
+        values = [r[key] * 1000 for r in runs_of]
+        print(f"{name + ' ' + what:28}{percentile(values, 50):8.1f}{percentile(values, 99):8.1f}{max(values):8.1f}")
+for name, runs_of in route.items():
+    steps = {}
+    for r in runs_of:
+        for step, seconds in r["steps"].items():
+            steps.setdefault(step, []).append(seconds * 1000)
+    print(f"{name} steps (median ms): " + ", ".join(f"{s} {statistics.median(v):.1f}" for s, v in steps.items()))
+t, d = route["tunnel"], route["direct"]
+for key, what in (("lag_s", "steady lag (s)"), ("tps", "source TPS (all xacts)")):
+    tv, dv = statistics.fmean(r[key] for r in t), statistics.fmean(r[key] for r in d)
+    print(f"{what}: tunnel {tv:.3f}, direct {dv:.3f}, tunnel/direct {tv / dv if dv else math.nan:.2f}")
 EOF

@@ -49,15 +49,34 @@ INSERT INTO events (at, kind, payload)
 INSERT INTO page_views (path) SELECT '/products/' || (i % 100) FROM generate_series(1, 10000) i;
 SELECT setval('invoice_numbers', 10500);";
 
-/// Runs the demo; everything it made is gone when it returns.
-pub fn run() -> Result<(), Failure> {
+/// Where the demo's narration goes: standard output, or with `--json`
+/// standard error, so that standard output carries only the report.
+#[derive(Clone, Copy)]
+struct Narration {
+    json: bool,
+}
+
+impl Narration {
+    fn say(self, line: impl std::fmt::Display) {
+        if self.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+}
+
+/// Runs the demo; everything it made is gone when it returns. With `json`
+/// its report is one JSON document on standard output.
+pub fn run(json: bool) -> Result<(), Failure> {
+    let say = Narration { json };
     let install = std::panic::catch_unwind(PgInstall::discover).map_err(|_| {
         Failure::Operation("no PostgreSQL server binaries found: install PostgreSQL or set WALBRIDGE_PG_BIN".to_owned())
     })?;
-    println!(
+    say.say(format_args!(
         "walbridge demo: PostgreSQL server binaries in {}",
         install.bin_dir().display()
-    );
+    ));
     let clusters = std::panic::catch_unwind(|| {
         let source = Cluster::builder("demo-source").install(&install).logical().start();
         let target = Cluster::builder("demo-target").install(&install).start();
@@ -68,11 +87,11 @@ pub fn run() -> Result<(), Failure> {
     })
     .map_err(|_| Failure::Operation("could not start the demo's PostgreSQL clusters (see above)".to_owned()))?;
     let (source, target) = clusters;
-    println!(
+    say.say(format_args!(
         "source on port {} and target on port {}: a shop schema with 92,000 rows",
         source.port(),
         target.port()
-    );
+    ));
     let work = tempfile::Builder::new()
         .prefix("walbridge-demo-")
         .tempdir()
@@ -82,12 +101,19 @@ pub fn run() -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::Operation(format!("cannot start the async runtime: {e}")))?;
-    let result = runtime.block_on(migrate(&install, &source, &target, work.path()));
+    let result = runtime.block_on(migrate(&install, &source, &target, work.path(), say));
     drop(runtime);
     // Clusters and folders go when dropped.
     drop((source, target, work));
-    println!("removed the demo's clusters, certificates and journals");
-    result
+    say.say("removed the demo's clusters, certificates and journals");
+    let report = result?;
+    if json {
+        crate::output::print_json(&report);
+    }
+    if report["verify"]["exact"] != report["verify"]["tables"] {
+        return Err(Failure::Operation("verification found differences".to_owned()));
+    }
+    Ok(())
 }
 
 async fn migrate(
@@ -95,7 +121,8 @@ async fn migrate(
     source: &Cluster,
     target: &Cluster,
     work: &std::path::Path,
-) -> Result<(), Failure> {
+    say: Narration,
+) -> Result<serde_json::Value, Failure> {
     let fail = |what: &str, e: &dyn std::fmt::Display| Failure::Operation(format!("{what}: {e}"));
     let certs = work.join("certs");
     pki::init(&certs, &["localhost".to_owned()], &[AGENT.to_owned()]).map_err(|e| fail("certificates", &e))?;
@@ -141,7 +168,7 @@ async fn migrate(
     let journal = Journal::open(&agent_dir.join("journal")).map_err(|e| fail("agent journal", &e))?;
     let agent = tokio::spawn(walbridge_agent::run(agent, journal, None, shutdown.clone()));
 
-    let outcome = drive(source, &ApiAddress::Unix(controller_dir.join("api.sock"))).await;
+    let outcome = drive(source, &ApiAddress::Unix(controller_dir.join("api.sock")), say).await;
     shutdown.cancel();
     let _ = tokio::join!(controller, agent);
     outcome
@@ -205,7 +232,8 @@ async fn application(url: String, writes: Arc<Writes>, stop: Arc<AtomicBool>) {
     }
 }
 
-async fn drive(source: &Cluster, api: &ApiAddress) -> Result<(), Failure> {
+/// Runs the migration and returns the report (also said, unless `--json`).
+async fn drive(source: &Cluster, api: &ApiAddress, say: Narration) -> Result<serde_json::Value, Failure> {
     let op = |what: &str, s: tonic::Status| Failure::Operation(format!("{what}: {}", s.message()));
     let mut client = connect(api).await.map_err(Failure::Operation)?;
     let deadline = Instant::now() + WAIT;
@@ -222,7 +250,9 @@ async fn drive(source: &Cluster, api: &ApiAddress) -> Result<(), Failure> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("agent {AGENT} connected to the controller over mutual TLS");
+    say.say(format_args!(
+        "agent {AGENT} connected to the controller over mutual TLS"
+    ));
 
     let writes = Arc::new(Writes::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -237,14 +267,16 @@ async fn drive(source: &Cluster, api: &ApiAddress) -> Result<(), Failure> {
         .await
         .map_err(|s| op("start", s))?
         .into_inner();
-    println!(
+    say.say(format_args!(
         "migration {} started: {} tables, while the application writes",
         migration.migration, migration.tables
-    );
+    ));
     let status = wait_for(&mut client, "streaming", |s| s.subscription == "streaming").await?;
     let copy_seconds = started.elapsed().as_secs_f64();
     let (rows, bytes) = status.tables.iter().fold((0, 0), |(r, b), t| (r + t.rows, b + t.bytes));
-    println!("copied {rows} rows in {copy_seconds:.1} s; streaming changes through the tunnel");
+    say.say(format_args!(
+        "copied {rows} rows in {copy_seconds:.1} s; streaming changes through the tunnel"
+    ));
     // Let the application write while changes stream, then wait for lag.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = wait_for(&mut client, "lag under 1 s", |s| {
@@ -263,7 +295,10 @@ async fn drive(source: &Cluster, api: &ApiAddress) -> Result<(), Failure> {
         .map_err(|s| op("cutover", s))?
         .into_inner();
     for step in &report.steps {
-        println!("  cutover {:<10} {:>7.3} s  {}", step.name, step.seconds, step.detail);
+        say.say(format_args!(
+            "  cutover {:<10} {:>7.3} s  {}",
+            step.name, step.seconds, step.detail
+        ));
     }
     stop.store(true, Ordering::SeqCst);
     let _ = writer.await;
@@ -288,39 +323,51 @@ async fn drive(source: &Cluster, api: &ApiAddress) -> Result<(), Failure> {
         .map_err(|s| op("release-source", s))?;
 
     let stopped_by = writes.stopped_by.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    println!();
-    println!("walbridge demo report");
-    println!(
-        "  rows copied             {rows} ({:.1} MB in {copy_seconds:.1} s, {:.1} MB/s)",
-        bytes as f64 / 1e6,
-        bytes as f64 / 1e6 / copy_seconds
-    );
-    println!(
-        "  lag before cutover      {:.3} s ({} bytes)",
-        before.lag_seconds.unwrap_or_default(),
-        before.lag_bytes.unwrap_or_default()
-    );
-    println!("  write downtime          {:.3} s", report.write_downtime_seconds);
-    println!(
-        "  application writes      {} acknowledged; then: {stopped_by}",
-        writes.acknowledged.load(Ordering::Relaxed)
-    );
-    println!(
-        "  verify                  {exact} of {} tables exact",
-        verified.tables.len()
-    );
-    println!(
-        "  cleanup                 removed {}",
-        cleaned.get_ref().removed.join(", ")
-    );
-    println!(
-        "  release-source          removed {}",
-        released.get_ref().removed.join(", ")
-    );
-    if exact != verified.tables.len() {
-        return Err(Failure::Operation("verification found differences".to_owned()));
+    let acknowledged = writes.acknowledged.load(Ordering::Relaxed);
+    let (removed, released) = (&cleaned.get_ref().removed, &released.get_ref().removed);
+    if !say.json {
+        println!();
+        println!("walbridge demo report");
+        println!(
+            "  rows copied             {rows} ({:.1} MB in {copy_seconds:.1} s, {:.1} MB/s)",
+            bytes as f64 / 1e6,
+            bytes as f64 / 1e6 / copy_seconds
+        );
+        println!(
+            "  lag before cutover      {:.3} s ({} bytes)",
+            before.lag_seconds.unwrap_or_default(),
+            before.lag_bytes.unwrap_or_default()
+        );
+        println!("  write downtime          {:.3} s", report.write_downtime_seconds);
+        println!("  application writes      {acknowledged} acknowledged; then: {stopped_by}");
+        println!(
+            "  verify                  {exact} of {} tables exact",
+            verified.tables.len()
+        );
+        println!("  cleanup                 removed {}", removed.join(", "));
+        println!("  release-source          removed {}", released.join(", "));
     }
-    Ok(())
+    Ok(serde_json::json!({
+        "migration": migration.migration,
+        "copy": {"rows": rows, "bytes": bytes, "seconds": copy_seconds},
+        "lag_before_cutover": {
+            "seconds": before.lag_seconds,
+            "bytes": before.lag_bytes,
+        },
+        "cutover": {
+            "write_downtime_seconds": report.write_downtime_seconds,
+            "fence_lsn": report.fence_lsn,
+            "steps": report.steps.iter().map(|step| serde_json::json!({
+                "name": step.name,
+                "seconds": step.seconds,
+                "detail": step.detail,
+            })).collect::<Vec<_>>(),
+        },
+        "application": {"acknowledged_writes": acknowledged, "stopped_by": stopped_by},
+        "verify": {"exact": exact, "tables": verified.tables.len()},
+        "cleanup_removed": removed,
+        "release_source_removed": released,
+    }))
 }
 
 /// Polls status until `done` holds; a failed migration is an error.

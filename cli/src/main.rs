@@ -169,7 +169,12 @@ enum Command {
     /// through the tunnel, cutover, verify, a report; then everything is removed.
     ///
     /// Needs only PostgreSQL's server binaries (pg_config --bindir, WALBRIDGE_PG_BIN or PATH).
-    Demo,
+    Demo {
+        /// Print the report as one JSON document on standard output (the narration goes to
+        /// standard error).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (e.g. `walbridge completions bash > /etc/bash_completion.d/walbridge`).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -281,7 +286,7 @@ fn main() -> ExitCode {
                     json,
                 },
         } => certs::init(&dir, &controller_hosts, &agents, json),
-        Command::Demo => demo::run(),
+        Command::Demo { json } => demo::run(json),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut cli_command(), "walbridge", &mut std::io::stdout());
             Ok(())

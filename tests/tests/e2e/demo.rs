@@ -16,23 +16,49 @@ fn demo_leftovers() -> Vec<String> {
 #[test]
 fn the_demo_migrates_cuts_over_verifies_and_removes_everything() {
     let before = demo_leftovers();
-    let out = walbridge(&["demo"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    // --json: the report is one JSON document on stdout, the narration on
+    // stderr.
+    let out = walbridge(&["demo", "--json"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
     );
-    for line in [
-        "rows copied",
-        "lag before cutover",
-        "write downtime",
-        "are fenced",
-        "5 of 5 tables exact",
-        "removed subscription",
-        "release-source          removed the write fence",
-    ] {
-        assert!(stdout.contains(line), "{line:?} in:\n{stdout}");
+    assert!(out.status.success(), "demo: {stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not one JSON document ({e}): {stdout}"));
+    assert!(report["copy"]["rows"].as_u64().unwrap() >= 92_000, "{report}");
+    assert!(report["lag_before_cutover"]["seconds"].is_f64(), "{report}");
+    assert!(
+        report["cutover"]["write_downtime_seconds"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    let steps: Vec<&str> = report["cutover"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(steps.contains(&"catch up") && steps.ends_with(&["detach"]), "{report}");
+    assert!(report["application"]["acknowledged_writes"].as_u64().unwrap() > 0);
+    assert!(
+        report["application"]["stopped_by"]
+            .as_str()
+            .unwrap()
+            .contains("are fenced"),
+        "{report}"
+    );
+    assert_eq!(report["verify"]["exact"], 5, "{report}");
+    assert_eq!(report["verify"]["tables"], 5, "{report}");
+    assert!(
+        report["cleanup_removed"].to_string().contains("subscription"),
+        "{report}"
+    );
+    assert!(
+        report["release_source_removed"].to_string().contains("the write fence"),
+        "{report}"
+    );
+    for line in ["agent demo connected", "copied", "removed the demo's clusters"] {
+        assert!(stderr.contains(line), "{line:?} in the narration:\n{stderr}");
     }
     assert_eq!(demo_leftovers(), before, "the demo's folders are gone");
 }
