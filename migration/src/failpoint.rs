@@ -21,6 +21,9 @@ pub const PRE_DATA_RECORDED: &str = "pre_data.recorded";
 /// One table (or page range) is committed on the target; the journal
 /// has not heard of it.
 pub const COPY_UNIT_COMMITTED: &str = "copy.unit_committed";
+/// One post-data statement is committed on the target while the copy
+/// runs (with its record there); the journal has not heard of it.
+pub const COPY_POST_DATA_COMMITTED: &str = "copy.post_data_committed";
 /// Every table is copied and checked; the journal still says `copy`.
 pub const COPY_DONE: &str = "copy.done";
 /// Phase `release_snapshot` is journaled; the agent still holds the snapshot.
@@ -83,6 +86,7 @@ pub const CONTROLLER: &[&str] = &[
     PRE_DATA_COMMITTED,
     PRE_DATA_RECORDED,
     COPY_UNIT_COMMITTED,
+    COPY_POST_DATA_COMMITTED,
     COPY_DONE,
     COPY_RECORDED,
     RELEASE_DONE,

@@ -10,6 +10,8 @@
 //! * [`fence`]: the durable write fence's names and the script that lifts it.
 //! * [`finding`]: what preflight reports.
 //! * [`mark`]: the row the cutover's fence commits and the target waits for.
+//! * [`post_data`]: which tables each post-data statement waits for, and
+//!   which statements may run beside one another.
 //! * [`role_settings`]: `ALTER ROLE/DATABASE ... SET` in force for roles
 //!   whose sessions walbridge does not open (the subscription's).
 //! * [`script`]: pg_dump's SQL script split into statements.
@@ -28,6 +30,7 @@ pub mod finding;
 pub mod ident;
 pub mod lsn;
 pub mod mark;
+pub mod post_data;
 pub mod role_settings;
 pub mod script;
 pub mod selection;

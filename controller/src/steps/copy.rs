@@ -1,24 +1,26 @@
 //! Step `Copy`: every table (or page range of a large one) streams from
 //! the snapshot into one target transaction of its own, in parallel; each
-//! finished table is recorded, and (unless `--no-verify`) proven equal to
-//! the snapshot. A unit that hits a transient fault is retried alone while
+//! finished table is recorded, analyzed, handed to post-data (its indexes
+//! are built while other tables still copy) and (unless `--no-verify`)
+//! proven equal to the snapshot. A unit that hits a transient fault is retried alone while
 //! the others go on; a unit that finds the snapshot gone ends the step,
 //! and [`restart`] starts the copy over from a new slot. The target
 //! records each unit in the unit's own transaction, under the slot of the
 //! attempt (`bookkeeping`): a resumed step copies only what is not there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use futures_util::StreamExt;
+use tokio::sync::mpsc;
 use walbridge_daemon::crash_point;
 use walbridge_migration::copy::PageRange;
 use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::{Fault, FaultKind};
 use walbridge_migration::ident::QualifiedName;
 
-use super::{StepError, retrying, retrying_on_target, save, snapshot};
+use super::{StepError, post_data, retrying, retrying_on_target, save, snapshot};
 use crate::migration::{Context, MigrationRecord, Phase, TableRecord, TableState, slot_name};
 use crate::{bookkeeping, transfer};
 
@@ -57,6 +59,12 @@ pub async fn run(ctx: &Context, record: &mut MigrationRecord) -> Result<(), Step
     }
     let parallel = record.parallel.max(1) as usize;
     ctx.state.clear_progress(None);
+    // Post-data runs beside the copy: each table copied is handed to it.
+    let (to_post_data, copied_tables) = mpsc::unbounded_channel();
+    let all_tables: BTreeSet<QualifiedName> = tables.iter().map(|t| t.name.clone()).collect();
+    for table in tables.iter().filter(|t| t.state.is_done()) {
+        let _ = to_post_data.send(table.name.clone());
+    }
 
     // Units of work: a whole table, or one page range of a split table.
     // A split table is emptied once, before any of its ranges is copied,
@@ -87,6 +95,7 @@ pub async fn run(ctx: &Context, record: &mut MigrationRecord) -> Result<(), Step
             analyze(ctx, &table.name).await?;
             table.state = TableState::Copied;
             ctx.state.save_table(&table).await?;
+            let _ = to_post_data.send(table.name.clone());
             if record.verify {
                 verify(ctx, record, table).await?;
             }
@@ -112,17 +121,37 @@ pub async fn run(ctx: &Context, record: &mut MigrationRecord) -> Result<(), Step
     drop(session);
     tracing::info!(tables = runs.len(), units = units.len(), parallel, "copying");
     let runs = Mutex::new(runs);
-    // The first fault a unit cannot retry ends the step: dropping the
-    // stream cancels the units still running (their target transactions
-    // roll back).
     let record_now = record.clone();
-    let mut results = futures_util::stream::iter(units)
-        .map(|(name, range)| copy_unit(ctx, &record_now, &runs, name, range))
-        .buffer_unordered(parallel);
-    while let Some(result) = results.next().await {
-        result?;
+    let copying = async {
+        // The first fault a unit cannot retry ends the step: dropping the
+        // stream cancels the units still running (their target
+        // transactions roll back).
+        let to_post_data = to_post_data;
+        let mut results = futures_util::stream::iter(units)
+            .map(|(name, range)| copy_unit(ctx, &record_now, &runs, &to_post_data, name, range))
+            .buffer_unordered(parallel);
+        while let Some(result) = results.next().await {
+            result?;
+        }
+        Ok::<_, StepError>(())
+        // `to_post_data` closes here: post-data starts nothing more.
+    };
+    let post_data = post_data::apply(
+        ctx,
+        &record_now,
+        post_data::Copied::AsTheyFinish {
+            tables: all_tables,
+            finished: copied_tables,
+        },
+        parallel,
+        fp::COPY_POST_DATA_COMMITTED,
+    );
+    let (copied, post_data) = tokio::join!(copying, post_data);
+    copied?;
+    match post_data {
+        Ok(applied) => tracing::info!(applied, "post-data statements applied during the copy"),
+        Err(error) => tracing::warn!(%error, "post-data did not run during the copy; the post-data step applies it"),
     }
-    drop(results);
     if !record.skip_large_objects && !record.large_objects_copied {
         let now = record.clone();
         let copied = retrying(ctx, &now, "copy of the large objects", |agent| {
@@ -154,6 +183,7 @@ async fn copy_unit(
     ctx: &Context,
     record: &MigrationRecord,
     runs: &Mutex<BTreeMap<QualifiedName, TableRun>>,
+    to_post_data: &mpsc::UnboundedSender<QualifiedName>,
     name: QualifiedName,
     range: Option<PageRange>,
 ) -> Result<(), StepError> {
@@ -200,6 +230,7 @@ async fn copy_unit(
     analyze(ctx, &name).await?;
     ctx.state.clear_progress(Some(&name));
     ctx.state.save_table(&table).await?;
+    let _ = to_post_data.send(table.name.clone());
     tracing::info!(table = %table.name, rows = table.rows, bytes = table.bytes, seconds = table.copy_seconds, "table copied");
     if record.verify {
         verify(ctx, record, table).await?;
