@@ -8,7 +8,7 @@
 
 use std::process::Stdio;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{StreamExt, pin_mut};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -43,7 +43,93 @@ fn compress(raw: &[u8]) -> Result<wire::DataChunk, Status> {
     Ok(wire::DataChunk {
         data,
         raw_len: raw.len() as u64,
+        plain: false,
     })
+}
+
+/// Chunks measured at the start of a stream before `auto` decides.
+const PROBE_CHUNKS: u32 = 4;
+/// With zstd off, one chunk in this many is compressed again to see
+/// whether the data changed (a table's later rows may compress better).
+const PROBE_EVERY: u32 = 64;
+/// Below this ratio zstd does not pay: at level 1 it costs about as much
+/// CPU per byte on the agent (and the controller's decompression) as
+/// TLS, framing and COPY parsing do, so saving less than half the bytes
+/// slows a copy on any link fast enough to matter (measured with
+/// `bench/initial-sync.sh`: random-content rows compress 1.2–1.6:1,
+/// pgbench's blank-padded filler 9:1).
+const MIN_RATIO: f64 = 2.0;
+
+/// How one stream's chunks cross the link: zstd, or as they are.
+struct Packer {
+    mode: wire::Compression,
+    /// `auto`: chunks still to measure before deciding.
+    probing: u32,
+    probed: (u64, u64),
+    zstd: bool,
+    since_probe: u32,
+}
+
+impl Packer {
+    fn new(mode: wire::Compression) -> Packer {
+        Packer {
+            mode,
+            probing: PROBE_CHUNKS,
+            probed: (0, 0),
+            zstd: true,
+            since_probe: 0,
+        }
+    }
+
+    /// One chunk, compressed on a blocking thread (the runtime's threads
+    /// carry every stream's I/O) when that is what the mode says.
+    async fn pack(&mut self, raw: Vec<u8>) -> Result<wire::DataChunk, Status> {
+        let measure = self.mode == wire::Compression::Auto;
+        let try_zstd = match self.mode {
+            wire::Compression::Zstd => true,
+            wire::Compression::None => false,
+            wire::Compression::Auto => self.zstd || self.probing > 0 || self.since_probe + 1 >= PROBE_EVERY,
+        };
+        if !try_zstd {
+            self.since_probe += 1;
+            return Ok(plain(raw));
+        }
+        let (raw, packed) = tokio::task::spawn_blocking(move || {
+            let packed = compress(&raw);
+            (raw, packed)
+        })
+        .await
+        .map_err(|e| fault::status(Fault::new(FaultKind::Internal, format!("compression stopped: {e}"))))?;
+        let packed = packed?;
+        if measure {
+            let ratio = |raw: u64, packed: u64| raw as f64 / packed.max(1) as f64;
+            if self.probing > 0 {
+                self.probing -= 1;
+                self.probed.0 += raw.len() as u64;
+                self.probed.1 += packed.data.len() as u64;
+                if self.probing == 0 {
+                    self.zstd = ratio(self.probed.0, self.probed.1) >= MIN_RATIO;
+                }
+            } else {
+                self.zstd = ratio(raw.len() as u64, packed.data.len() as u64) >= MIN_RATIO;
+                self.since_probe = 0;
+            }
+        }
+        // Never send more than the data itself.
+        Ok(if packed.data.len() < raw.len() {
+            packed
+        } else {
+            plain(raw)
+        })
+    }
+}
+
+fn plain(raw: Vec<u8>) -> wire::DataChunk {
+    wire::DataChunk {
+        raw_len: raw.len() as u64,
+        data: raw,
+        plain: true,
+    }
 }
 
 /// Opens a session reading in `snapshot` (or in a fresh consistent
@@ -71,13 +157,15 @@ pub async fn snapshot_session(source: &Database, snapshot: &str) -> Result<Clien
     Ok(client)
 }
 
-/// Streams `COPY ... TO STDOUT` of one table (or page range) to `out`.
+/// Streams `COPY ... TO STDOUT` of one table (or page range) to `out`,
+/// compressed as `compression` says.
 pub async fn copy_table(
     source: Database,
     snapshot: String,
     table: QualifiedName,
     columns: Vec<String>,
     range: Option<PageRange>,
+    compression: wire::Compression,
     out: ChunkSender,
 ) {
     let result = async {
@@ -87,14 +175,15 @@ pub async fn copy_table(
             .await
             .map_err(|e| crate::fault::source_status(format!("COPY of {table} failed on the source"), &e))?;
         pin_mut!(stream);
-        let mut buffer = BytesMut::with_capacity(CHUNK_BYTES);
+        let mut packer = Packer::new(compression);
+        let mut buffer = Vec::with_capacity(CHUNK_BYTES);
         while let Some(piece) = stream.next().await {
             let piece: Bytes =
                 piece.map_err(|e| crate::fault::source_status(format!("COPY of {table} failed on the source"), &e))?;
             buffer.extend_from_slice(&piece);
             if buffer.len() >= CHUNK_BYTES {
-                let chunk = compress(&buffer)?;
-                buffer.clear();
+                let full = std::mem::replace(&mut buffer, Vec::with_capacity(CHUNK_BYTES));
+                let chunk = packer.pack(full).await?;
                 if out.send(Ok(chunk)).await.is_err() {
                     // The controller went away: nothing more to do.
                     return Ok(());
@@ -102,7 +191,7 @@ pub async fn copy_table(
             }
         }
         if !buffer.is_empty() {
-            let _ = out.send(Ok(compress(&buffer)?)).await;
+            let _ = out.send(Ok(packer.pack(buffer).await?)).await;
         }
         Ok(())
     }
@@ -256,4 +345,81 @@ pub async fn checksum(
         .await
         .map_err(|e| crate::fault::source_status(format!("checksum of {table} failed on the source"), &e))?;
     Ok((row.get::<_, i64>(0) as u64, row.get(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes with no pattern (xorshift), as random-content rows look to zstd.
+    fn noise(len: usize, mut state: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    /// Rows like pgbench's, blank-padded.
+    fn padded(len: usize) -> Vec<u8> {
+        let row = format!("1\t42\t0\t{}\n", " ".repeat(84));
+        row.bytes().cycle().take(len).collect()
+    }
+
+    async fn kinds(mode: wire::Compression, chunks: impl Iterator<Item = Vec<u8>>) -> Vec<bool> {
+        let mut packer = Packer::new(mode);
+        let mut plain = Vec::new();
+        for chunk in chunks {
+            let raw = chunk.clone();
+            let packed = packer.pack(chunk).await.unwrap();
+            // What arrives is the data, however it was sent.
+            let back = if packed.plain {
+                packed.data.clone()
+            } else {
+                zstd::bulk::decompress(&packed.data, raw.len()).unwrap()
+            };
+            assert_eq!(back, raw);
+            plain.push(packed.plain);
+        }
+        plain
+    }
+
+    #[tokio::test]
+    async fn auto_stops_compressing_what_does_not_compress_and_keeps_what_does() {
+        let random = kinds(wire::Compression::Auto, (0..12).map(|i| noise(CHUNK_BYTES, i + 1))).await;
+        // Measured on the first chunks (sent as they are: zstd cannot
+        // shrink them), then sent as they are without trying.
+        assert!(random.iter().all(|plain| *plain), "{random:?}");
+        let padded_rows = kinds(wire::Compression::Auto, (0..12).map(|_| padded(CHUNK_BYTES))).await;
+        assert!(padded_rows.iter().all(|plain| !*plain), "{padded_rows:?}");
+    }
+
+    #[tokio::test]
+    async fn auto_measures_again_and_turns_zstd_back_on_when_the_data_changes() {
+        let noise_then_padded = (0..PROBE_EVERY as u64 * 2).map(|i| {
+            if i < PROBE_EVERY as u64 / 2 {
+                noise(CHUNK_BYTES, i + 1)
+            } else {
+                padded(CHUNK_BYTES)
+            }
+        });
+        let plain = kinds(wire::Compression::Auto, noise_then_padded).await;
+        let back_on = plain.iter().rposition(|plain| *plain).unwrap() + 1;
+        assert!(
+            back_on > PROBE_EVERY as usize / 2 && back_on <= (PROBE_CHUNKS + PROBE_EVERY) as usize,
+            "zstd came back at chunk {back_on}: {plain:?}"
+        );
+        assert!(plain[back_on..].iter().all(|plain| !*plain));
+    }
+
+    #[tokio::test]
+    async fn zstd_and_none_are_what_they_say() {
+        let zstd = kinds(wire::Compression::Zstd, (0..6).map(|_| padded(CHUNK_BYTES))).await;
+        assert!(zstd.iter().all(|plain| !*plain));
+        let none = kinds(wire::Compression::None, (0..6).map(|_| padded(CHUNK_BYTES))).await;
+        assert!(none.iter().all(|plain| *plain));
+    }
 }

@@ -301,6 +301,7 @@ impl AgentService for Agent {
     ) -> Result<Response<Self::CopyTableStream>, Status> {
         let span = self.span("copy_table", &request);
         let request = request.into_inner();
+        let compression = request.compression();
         let table = request
             .table
             .map(name_from_wire)
@@ -326,6 +327,7 @@ impl AgentService for Agent {
             table,
             request.columns,
             range,
+            compression,
             out,
         );
         self.state.tasks.spawn(

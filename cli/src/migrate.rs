@@ -139,7 +139,16 @@ pub async fn preflight(address: &ApiAddress, options: PreflightOptions) -> Resul
     Ok(())
 }
 
+/// `start --compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    Auto,
+    Zstd,
+    None,
+}
+
 pub struct StartOptions {
+    pub compression: Compression,
     pub agent: String,
     pub tables: Vec<String>,
     pub exclude: Vec<String>,
@@ -168,6 +177,11 @@ pub async fn start(address: &ApiAddress, options: StartOptions) -> Result<(), Fa
             skip: options.skip,
             privileges: options.privileges,
             skip_large_objects: options.skip_large_objects,
+            compression: match options.compression {
+                Compression::Auto => wire::Compression::Auto,
+                Compression::Zstd => wire::Compression::Zstd,
+                Compression::None => wire::Compression::None,
+            } as i32,
         })
         .await
         .map_err(call_failed)?

@@ -81,7 +81,7 @@ async fn dump_request(agent: &AgentClient, request: wire::DumpSchemaRequest) -> 
     let mut statements = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|s| crate::fault::agent(format!("dumping the {section} schema"), &s))?;
-        let raw = decompress(&chunk)?;
+        let raw = decompress(chunk)?;
         statements.extend(
             splitter
                 .push(&raw)

@@ -270,6 +270,7 @@ pub async fn start(runner: &Arc<Runner>, request: wire::StartRequest) -> Result<
         privileges: schema.privileges,
         skip_large_objects: schema.skip_large_objects,
         large_objects_copied: false,
+        compression: crate::migration::Compression::from_wire(request.compression),
         syncing: Vec::new(),
         refused_tables: Vec::new(),
         source: Some(SourceIdentity {

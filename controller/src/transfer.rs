@@ -14,14 +14,30 @@ use walbridge_proto::convert::name_to_wire;
 use walbridge_proto::v1 as wire;
 
 use crate::bookkeeping;
+use crate::migration::Compression;
 use crate::registry::AgentClient;
 use crate::target::{self, Purpose};
 
-pub fn decompress(chunk: &wire::DataChunk) -> Result<Vec<u8>, Fault> {
+/// A chunk's bytes as the table holds them (a plain chunk is taken as it is).
+pub fn decompress(chunk: wire::DataChunk) -> Result<Vec<u8>, Fault> {
+    if chunk.plain {
+        return Ok(chunk.data);
+    }
     // raw_len bounds the allocation; a chunk is at most a few hundred kB.
     let capacity = usize::try_from(chunk.raw_len).map_err(|_| crate::fault::internal("a chunk too large arrived"))?;
     zstd::bulk::decompress(&chunk.data, capacity)
         .map_err(|e| crate::fault::internal(format!("a corrupt chunk arrived: {e}")))
+}
+
+/// [`decompress`] on a blocking thread: the async runtime's threads carry
+/// every stream's I/O and must not spend a chunk's decompression on one.
+async fn decompress_off_runtime(chunk: wire::DataChunk) -> Result<Vec<u8>, Fault> {
+    if chunk.plain {
+        return Ok(chunk.data);
+    }
+    tokio::task::spawn_blocking(move || decompress(chunk))
+        .await
+        .map_err(|e| crate::fault::internal(format!("decompression stopped: {e}")))?
 }
 
 /// What one copy moved.
@@ -48,6 +64,7 @@ pub async fn copy_table(
     table: &QualifiedName,
     columns: &[String],
     range: Option<copy::PageRange>,
+    compression: Compression,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Copied, Fault> {
     let client = target::connect(target, Purpose::Copy).await?;
@@ -67,6 +84,7 @@ pub async fn copy_table(
             columns: columns.to_vec(),
             first_page: range.map_or(0, |r| r.first_page),
             end_page: range.map_or(0, |r| r.end_page),
+            compression: compression.to_wire() as i32,
         })
         .await
         .map_err(|s| crate::fault::agent(format!("copy of {table} failed on the source"), &s))?
@@ -81,9 +99,9 @@ pub async fn copy_table(
     let (mut bytes, mut wire_bytes) = (0u64, 0u64);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|s| crate::fault::agent(format!("copy of {table} failed"), &s))?;
-        let raw = decompress(&chunk)?;
-        bytes += raw.len() as u64;
         wire_bytes += chunk.data.len() as u64;
+        let raw = decompress_off_runtime(chunk).await?;
+        bytes += raw.len() as u64;
         progress(0, raw.len() as u64);
         sink.send(Bytes::from(raw))
             .await

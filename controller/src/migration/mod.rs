@@ -43,8 +43,8 @@ use walbridge_daemon::pg::Database;
 use walbridge_migration::fault::Fault;
 
 pub use record::{
-    CutoverReport, Detach, MigrationRecord, Phase, RefusedTable, SnapshotRecord, SourceIdentity, TableRecord,
-    TableState, slot_name,
+    Compression, CutoverReport, Detach, MigrationRecord, Phase, RefusedTable, SnapshotRecord, SourceIdentity,
+    TableRecord, TableState, slot_name,
 };
 pub use state::MigrationState;
 

@@ -8,6 +8,7 @@ use walbridge_migration::copy::PageRange;
 use walbridge_migration::ident::QualifiedName;
 use walbridge_migration::selection::Selection;
 use walbridge_migration::skip::Skip;
+use walbridge_proto::v1 as wire;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -163,6 +164,9 @@ pub struct MigrationRecord {
     /// The copy has copied the large objects too.
     #[serde(default)]
     pub large_objects_copied: bool,
+    /// Whether table data crosses the link compressed (`start --compression`).
+    #[serde(default)]
+    pub compression: Compression,
     /// Tables created on the source while streaming that the subscription
     /// is copying now (their indexes follow once it has).
     #[serde(default)]
@@ -214,6 +218,35 @@ pub fn slot_name(id: &str, attempt: u32) -> String {
         format!("walbridge_{id}")
     } else {
         format!("walbridge_{id}_{attempt}")
+    }
+}
+
+/// Table data over the link (`start --compression`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// zstd while it pays (the agent measures).
+    #[default]
+    Auto,
+    Zstd,
+    None,
+}
+
+impl Compression {
+    pub fn from_wire(value: i32) -> Compression {
+        match wire::Compression::try_from(value) {
+            Ok(wire::Compression::Zstd) => Compression::Zstd,
+            Ok(wire::Compression::None) => Compression::None,
+            _ => Compression::Auto,
+        }
+    }
+
+    pub fn to_wire(self) -> wire::Compression {
+        match self {
+            Compression::Auto => wire::Compression::Auto,
+            Compression::Zstd => wire::Compression::Zstd,
+            Compression::None => wire::Compression::None,
+        }
     }
 }
 

@@ -201,8 +201,18 @@ async fn copy_unit(
         let (columns, name, progress) = (&columns, &name, &progress);
         async move {
             let snapshot = snapshot::held(&agent, record).await?;
-            let copied =
-                transfer::copy_table(&agent, target, &record.slot, &snapshot, name, columns, range, progress).await;
+            let copied = transfer::copy_table(
+                &agent,
+                target,
+                &record.slot,
+                &snapshot,
+                name,
+                columns,
+                range,
+                record.compression,
+                progress,
+            )
+            .await;
             Ok::<_, StepError>(copied?)
         }
     })

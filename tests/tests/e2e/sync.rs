@@ -165,7 +165,16 @@ fn the_copy_is_exactly_the_snapshot_not_later_writes() {
     });
 
     // --copy-only: streaming would (rightly) bring the later rows over.
-    let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json", "--copy-only"]);
+    // --compression none: the rows cross the link as they are.
+    let (code, status, stderr) = m.cli_json(&[
+        "start",
+        "--agent",
+        "east",
+        "--json",
+        "--copy-only",
+        "--compression",
+        "none",
+    ]);
     assert_eq!(code, Some(0), "start: {stderr}");
     assert_eq!(status["phase"], "copied", "{status}");
     // Nothing streams from a copy-only migration's slot: it is gone, so
@@ -195,6 +204,8 @@ fn the_copy_is_exactly_the_snapshot_not_later_writes() {
     );
     // And the in-snapshot verification proved the copy equal to the snapshot.
     assert_eq!(table(&status, "public.feed")["state"], "verified");
+    let feed = table(&status, "public.feed");
+    assert_eq!(feed["wire_bytes"], feed["bytes"], "sent uncompressed: {feed}");
 }
 
 #[test]
