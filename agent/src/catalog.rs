@@ -20,6 +20,8 @@ pub struct SourceTable {
     pub columns: Vec<Column>,
     pub size_bytes: u64,
     pub pages: u64,
+    /// The TOAST table's size (with its index).
+    pub toast_bytes: u64,
 }
 
 /// User tables, partitioned tables and materialized views, with their
@@ -41,7 +43,8 @@ pub async fn list_tables(client: &Client) -> Result<Vec<SourceTable>, tokio_post
                 pn.nspname::text, p.relname::text, \
                 coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{{}}'), \
                 coalesce(array_agg({generated} ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{{}}'), \
-                pg_relation_size(c.oid)::int8, c.relpages::int8 \
+                pg_relation_size(c.oid)::int8, c.relpages::int8, \
+                coalesce(pg_total_relation_size(nullif(c.reltoastrelid, 0)), 0)::int8 \
          FROM pg_class c \
          JOIN pg_namespace n ON n.oid = c.relnamespace \
          LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -53,7 +56,7 @@ pub async fn list_tables(client: &Client) -> Result<Vec<SourceTable>, tokio_post
            AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
            AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
                            AND d.objid = c.oid AND d.deptype = 'e') \
-         GROUP BY n.nspname, c.relname, c.relkind, pn.nspname, p.relname, c.oid, c.relpages \
+         GROUP BY n.nspname, c.relname, c.relkind, pn.nspname, p.relname, c.oid, c.relpages, c.reltoastrelid \
          ORDER BY 1, 2",
         // walbridge's own schemas on the source (the cutover's mark, the
         // fence) are never the application's tables.
@@ -81,6 +84,7 @@ pub async fn list_tables(client: &Client) -> Result<Vec<SourceTable>, tokio_post
                     .collect(),
                 size_bytes: row.get::<_, i64>(7).max(0) as u64,
                 pages: row.get::<_, i64>(8).max(0) as u64,
+                toast_bytes: row.get::<_, i64>(9).max(0) as u64,
             }
         })
         .collect())

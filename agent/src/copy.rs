@@ -180,13 +180,22 @@ pub async fn copy_table(
         while let Some(piece) = stream.next().await {
             let piece: Bytes =
                 piece.map_err(|e| crate::fault::source_status(format!("COPY of {table} failed on the source"), &e))?;
-            buffer.extend_from_slice(&piece);
-            if buffer.len() >= CHUNK_BYTES {
-                let full = std::mem::replace(&mut buffer, Vec::with_capacity(CHUNK_BYTES));
-                let chunk = packer.pack(full).await?;
-                if out.send(Ok(chunk)).await.is_err() {
-                    // The controller went away: nothing more to do.
-                    return Ok(());
+            // Chunks are exactly CHUNK_BYTES, however long a row is: COPY
+            // data is a byte stream on both ends, so a row may span
+            // chunks, and a chunk never outgrows gRPC's message limit or
+            // the memory bound (a 2 MB row is eight chunks, not one).
+            let mut rest = &piece[..];
+            while !rest.is_empty() {
+                let take = (CHUNK_BYTES - buffer.len()).min(rest.len());
+                buffer.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if buffer.len() == CHUNK_BYTES {
+                    let full = std::mem::replace(&mut buffer, Vec::with_capacity(CHUNK_BYTES));
+                    let chunk = packer.pack(full).await?;
+                    if out.send(Ok(chunk)).await.is_err() {
+                        // The controller went away: nothing more to do.
+                        return Ok(());
+                    }
                 }
             }
         }

@@ -210,6 +210,7 @@ impl AgentService for Agent {
                         size_bytes: t.size_bytes,
                         pages: t.pages,
                         materialized_view: t.kind == 'm',
+                        toast_bytes: t.toast_bytes,
                     })
                     .collect(),
             }))

@@ -70,17 +70,22 @@ pub fn plan(catalog: Vec<wire::SourceTable>, selection: &Selection, split_bytes:
         .into_iter()
         .filter(|(name, table)| table.kind == "r" && is_selected(name))
         .map(|(name, table)| {
-            let ranges = if table.size_bytes > split_bytes {
+            // What a copy reads: the rows and the TOAST values they point
+            // to. A TOAST-heavy table with few heap pages is split too,
+            // its ranges of heap pages each carrying their share of it.
+            let copy_bytes = table.size_bytes + table.toast_bytes;
+            let ranges = if copy_bytes > split_bytes {
                 // relpages is an estimate; the size is exact.
-                let pages = table.pages.max(table.size_bytes / PAGE_BYTES);
-                page_ranges(pages, (split_bytes / PAGE_BYTES).max(1))
+                let pages = table.pages.max(table.size_bytes / PAGE_BYTES).max(1);
+                let wanted = copy_bytes.div_ceil(split_bytes.max(1));
+                page_ranges(pages, pages.div_ceil(wanted).max(1))
             } else {
                 Vec::new()
             };
             let root = root_of(&name);
             TableRecord {
                 root: (root != name).then_some(root),
-                size_bytes: table.size_bytes,
+                size_bytes: copy_bytes,
                 name,
                 columns: table
                     .columns
@@ -104,4 +109,39 @@ pub fn plan(catalog: Vec<wire::SourceTable>, selection: &Selection, split_bytes:
         materialized_views,
         tables,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walbridge_proto::convert::name_to_wire;
+
+    fn table(name: &str, size_bytes: u64, pages: u64, toast_bytes: u64) -> wire::SourceTable {
+        wire::SourceTable {
+            name: Some(name_to_wire(QualifiedName::new("public", name))),
+            kind: "r".to_owned(),
+            size_bytes,
+            pages,
+            toast_bytes,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_table_is_split_by_what_its_copy_reads_toast_included() {
+        const MB: u64 = 1 << 20;
+        let catalog = vec![
+            // 8 MB of rows pointing to 56 MB of TOAST: eight ranges of
+            // its 1024 heap pages, 128 each.
+            table("documents", 8 * MB, 1024, 56 * MB),
+            table("small", MB, 128, 0),
+        ];
+        let planned = plan(catalog, &Selection::default(), 8 * MB).unwrap();
+        let documents = planned.tables.iter().find(|t| t.name.name == "documents").unwrap();
+        assert_eq!(documents.size_bytes, 64 * MB);
+        assert_eq!(documents.ranges.len(), 8, "{:?}", documents.ranges);
+        assert_eq!(documents.ranges[1].first_page, 128);
+        let small = planned.tables.iter().find(|t| t.name.name == "small").unwrap();
+        assert!(small.ranges.is_empty());
+    }
 }

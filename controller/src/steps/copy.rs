@@ -108,7 +108,8 @@ pub async fn run(ctx: &Context, record: &mut MigrationRecord) -> Result<(), Step
             transfer::truncate(&target, std::slice::from_ref(&table.name)).await?;
         }
         let remaining = todo.len();
-        units.extend(todo.into_iter().map(|range| (table.name.clone(), range)));
+        let unit_bytes = table.size_bytes / table.ranges.len().max(1) as u64;
+        units.extend(todo.into_iter().map(|range| (unit_bytes, table.name.clone(), range)));
         runs.insert(
             table.name.clone(),
             TableRun {
@@ -119,6 +120,9 @@ pub async fn run(ctx: &Context, record: &mut MigrationRecord) -> Result<(), Step
         );
     }
     drop(session);
+    // Largest first: the last unit to start is a small one, so the copy
+    // does not end with one big table copying alone.
+    units.sort_by_key(|(bytes, _, _)| std::cmp::Reverse(*bytes));
     tracing::info!(tables = runs.len(), units = units.len(), parallel, "copying");
     let runs = Mutex::new(runs);
     let record_now = record.clone();
@@ -128,7 +132,7 @@ pub async fn run(ctx: &Context, record: &mut MigrationRecord) -> Result<(), Step
         // transactions roll back).
         let to_post_data = to_post_data;
         let mut results = futures_util::stream::iter(units)
-            .map(|(name, range)| copy_unit(ctx, &record_now, &runs, &to_post_data, name, range))
+            .map(|(_, name, range)| copy_unit(ctx, &record_now, &runs, &to_post_data, name, range))
             .buffer_unordered(parallel);
         while let Some(result) = results.next().await {
             result?;

@@ -46,6 +46,8 @@ const FENCE_TABLE_LOCK_TIMEOUT: Duration = Duration::from_millis(200);
 /// The agent lifts a fence nobody sealed this long after the cutover's
 /// deadline (and the source's server a little after that, by itself).
 const FENCE_HOLD_MARGIN: Duration = Duration::from_secs(5);
+/// New apply errors during the lag gate that refuse the cutover at once.
+const REFUSING_ERRORS: u64 = 2;
 /// With WAL waiting for it, a subscriber silent for longer than the lag
 /// bound plus this is not keeping up, whatever its last position says.
 const REPLY_SLACK: Duration = Duration::from_secs(1);
@@ -293,9 +295,14 @@ async fn wait_for_lag(
         if let Some(lost) = crate::slot_watch::assess(record, &slot, ctx.settings.retained_wal_warning, None).lost {
             return Err(format!("{}; nothing was fenced", lost.explained()));
         }
-        if errors > errors_before {
+        // One new error may be a subscriber that restarted (PostgreSQL
+        // 15+ counts a dropped WAL stream too, and the tunnel drops
+        // whenever a daemon restarts): it is waited for like any lag.
+        // Errors that keep coming (the apply worker fails again after
+        // each restart) refuse at once.
+        if errors >= errors_before + REFUSING_ERRORS {
             return Err(format!(
-                "subscription {} hit {} new error(s) applying changes while the cutover waited (the target's \
+                "subscription {} hit {} new errors applying changes while the cutover waited (the target's \
                  server log says what fails): it is not keeping up; nothing was fenced",
                 record.subscription,
                 errors - errors_before
@@ -462,7 +469,21 @@ async fn fence_and_switch(
         record.fence_sealed = true;
         ctx.state.save(record).await.map_err(|e| e.to_string())
     };
-    if let Err(error) = before_seal.await {
+    // The fence's stream is watched meanwhile: the agent lifts the fence
+    // by itself when its link breaks, and nothing else would say so while
+    // the catch-up waits on the target.
+    let outcome = tokio::select! {
+        outcome = before_seal => outcome,
+        event = events.message() => Err(match event {
+            Ok(Some(wire::FenceEvent { event: Some(Event::Lifted(_)) })) => {
+                "the agent lifted the fence before it could be sealed".to_owned()
+            }
+            Ok(_) => "the fence ended before it could be sealed: the agent's link broke, and the agent lifted it"
+                .to_owned(),
+            Err(status) => format!("the fence ended before it could be sealed: {}", status.message()),
+        }),
+    };
+    if let Err(error) = outcome {
         lift(&commands, &mut events).await;
         record.fence_sealed = false;
         return Err(error);

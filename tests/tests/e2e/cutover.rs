@@ -370,6 +370,10 @@ fn kill_9_of_the_agent_holding_the_fence_fails_the_cutover_and_frees_the_source(
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     assert_ne!(report["done"], true, "{report}");
+    // Seen as the fence's end while the catch-up waited on the target, not
+    // found out at the deadline.
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(error.contains("the fence ended before it could be sealed"), "{report}");
     source_accepts_writes(&m).expect("the source is writable once the agent is gone");
     assert_eq!(fence_triggers(&m), "0");
     stall.execute("ROLLBACK").unwrap();
@@ -730,6 +734,17 @@ fn an_apply_error_on_the_target_shows_in_status_and_metrics() {
         sample(&scrape, "walbridge_subscription_errors").is_some_and(|n| n >= 1.0),
         "{scrape}"
     );
+    // A cutover meanwhile is refused before anything is fenced, as the
+    // errors keep coming (each restart of the apply worker fails again),
+    // not at its deadline.
+    let (code, cutover, stderr) = m.cli_json(&["cutover", "--max-lag", "1s", "--timeout", "300s", "--json"]);
+    assert_eq!(code, Some(1), "{stderr} {cutover}");
+    let error = cutover["error"].as_str().unwrap();
+    assert!(
+        error.contains("new errors applying changes") && error.contains("nothing was fenced"),
+        "{cutover}"
+    );
+    assert_eq!(fence_triggers(&m), "0");
     // Once the conflict is gone, the change applies.
     m.target.psql(DATABASE, "DELETE FROM orders WHERE id = 777777");
     eventually(STREAM_TIMEOUT, "the source's row to arrive", || {

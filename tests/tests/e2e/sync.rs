@@ -469,3 +469,23 @@ fn a_schema_statement_the_target_rejects_is_found_before_anything_is_created_and
     assert_eq!(code, Some(0), "start: {stderr} {status}");
     assert_eq!(table(&status, "public.people")["state"], "verified");
 }
+
+#[test]
+fn rows_larger_than_a_grpc_message_are_copied_exactly() {
+    // 10 MB of COPY text per row (hex of random bytes, which zstd halves
+    // at best): more than gRPC's 4 MB message limit, compressed or not.
+    let source = Cluster::builder("source").logical().start();
+    let m = Migration::new(
+        source,
+        "CREATE TABLE blobs (id int PRIMARY KEY, data bytea); \
+         INSERT INTO blobs SELECT i, (SELECT decode(string_agg(md5(random()::text || j), ''), 'hex') \
+                                      FROM generate_series(1, 5 * 65536) j) \
+         FROM generate_series(1, 3) i;",
+    );
+    let (code, status, stderr) = m.cli_json(&["start", "--agent", "east", "--json", "--copy-only"]);
+    assert_eq!(code, Some(0), "start: {stderr} {status}");
+    let blobs = table(&status, "public.blobs");
+    assert_eq!(blobs["state"], "verified", "{blobs}");
+    assert_eq!(blobs["rows"], 3);
+    assert!(blobs["bytes"].as_u64().unwrap() > 30_000_000, "{blobs}");
+}
