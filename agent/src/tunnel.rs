@@ -8,7 +8,7 @@ use std::pin::Pin;
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::Host;
-use tokio_util::io::{ReaderStream, StreamReader};
+use tokio_util::io::StreamReader;
 use tonic::{Status, Streaming};
 use walbridge_daemon::pg::Database;
 use walbridge_proto::v1 as wire;
@@ -73,7 +73,7 @@ pub async fn open(
         // towards the source.
         let _ = writer.shutdown().await;
     });
-    let answers = ReaderStream::with_capacity(reader, READ_CHUNK).map(|chunk| {
+    let answers = walbridge_daemon::coalesce::chunks(reader, READ_CHUNK).map(|chunk| {
         chunk
             .map(|data| wire::TunnelData { data })
             .map_err(|e| Status::unavailable(format!("source connection: {e}")))

@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_util::io::{ReaderStream, StreamReader};
+use tokio_util::io::StreamReader;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use walbridge_proto::v1 as wire;
@@ -112,7 +112,7 @@ async fn carry(
     // the client closes (the agent then closes its side towards the
     // source), or when the answers have ended.
     let answered = CancellationToken::new();
-    let requests = ReaderStream::with_capacity(reader, READ_CHUNK)
+    let requests = walbridge_daemon::coalesce::chunks(reader, READ_CHUNK)
         // A read error ends the stream like EOF does.
         .scan((), |(), chunk| std::future::ready(chunk.ok()))
         .map(|data| wire::TunnelData { data })
