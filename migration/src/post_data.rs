@@ -72,6 +72,53 @@ pub fn needs(statements: &[String]) -> Vec<Needs> {
         .collect()
 }
 
+/// For each statement, the earlier ones it waits for: the last change to
+/// each of its tables, for a change also the index builds on them since,
+/// and the last statement that needs everything (for one of those: every
+/// statement since the one before). Each of those waits for its own in
+/// turn, so a statement follows every earlier one [`Needs::waits_for`]
+/// names, while a scheduler checks a few statements per candidate instead
+/// of every one before it (a dump of thousands of statements).
+pub fn prerequisites(needs: &[Needs]) -> Vec<Vec<usize>> {
+    #[derive(Default)]
+    struct OnTable {
+        last_change: Option<usize>,
+        indexes_since: Vec<usize>,
+    }
+    let mut tables: HashMap<&QualifiedName, OnTable> = HashMap::new();
+    let mut last_everything: Option<usize> = None;
+    let mut since_everything: Vec<usize> = Vec::new();
+    let mut all = Vec::with_capacity(needs.len());
+    for (index, need) in needs.iter().enumerate() {
+        let mut before: Vec<usize> = last_everything.into_iter().collect();
+        match need {
+            Needs::Everything => {
+                before.append(&mut since_everything);
+                tables.clear();
+                last_everything = Some(index);
+            }
+            Needs::Index(table) => {
+                let on = tables.entry(table).or_default();
+                before.extend(on.last_change);
+                on.indexes_since.push(index);
+                since_everything.push(index);
+            }
+            Needs::Tables(list) | Needs::Writes(list) => {
+                for table in list {
+                    let on = tables.entry(table).or_default();
+                    before.extend(on.last_change.replace(index));
+                    before.append(&mut on.indexes_since);
+                }
+                since_everything.push(index);
+            }
+        }
+        before.sort_unstable();
+        before.dedup();
+        all.push(before);
+    }
+    all
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Token {
     /// An unquoted word, upper-cased (keywords) — with its text as written.
@@ -508,6 +555,54 @@ mod tests {
         assert!(Needs::Tables(vec![t("public", "a")]).during_copy());
         assert!(!Needs::Writes(vec![t("public", "a")]).during_copy());
         assert!(!Needs::Everything.during_copy());
+    }
+
+    #[test]
+    fn prerequisites_order_statements_as_waits_for_does() {
+        let (a, b, c) = (t("s", "a"), t("s", "b"), t("s", "c"));
+        let needs = vec![
+            Needs::Tables(vec![a.clone()]),
+            Needs::Index(a.clone()),
+            Needs::Index(a.clone()),
+            Needs::Index(b.clone()),
+            Needs::Writes(vec![a.clone(), b.clone()]),
+            Needs::Index(c.clone()),
+            Needs::Everything,
+            Needs::Index(a.clone()),
+            Needs::Tables(vec![c.clone()]),
+            Needs::Writes(vec![a.clone()]),
+            Needs::Everything,
+            Needs::Index(b),
+        ];
+        let prerequisites = prerequisites(&needs);
+        for (index, need) in needs.iter().enumerate() {
+            // Every prerequisite is one it waits for...
+            assert!(
+                prerequisites[index]
+                    .iter()
+                    .all(|p| *p < index && need.waits_for(&needs[*p]))
+            );
+            // ...and every statement it waits for is a prerequisite or
+            // comes before one (a chain of them).
+            let mut reached = std::collections::BTreeSet::new();
+            let mut frontier = prerequisites[index].clone();
+            while let Some(p) = frontier.pop() {
+                if reached.insert(p) {
+                    frontier.extend(&prerequisites[p]);
+                }
+            }
+            for earlier in (0..index).filter(|e| need.waits_for(&needs[*e])) {
+                assert!(
+                    reached.contains(&earlier),
+                    "{index} does not follow {earlier}: {prerequisites:?}"
+                );
+            }
+        }
+        // Builds on one table do not wait for one another.
+        assert_eq!(prerequisites[2], [0]);
+        assert_eq!(prerequisites[4], [0, 1, 2, 3]);
+        assert_eq!(prerequisites[6], [0, 1, 2, 3, 4, 5]);
+        assert_eq!(prerequisites[7], [6]);
     }
 
     #[test]

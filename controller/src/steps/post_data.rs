@@ -24,7 +24,7 @@ use walbridge_daemon::pg::describe;
 use walbridge_migration::failpoint as fp;
 use walbridge_migration::fault::Fault;
 use walbridge_migration::ident::QualifiedName;
-use walbridge_migration::post_data::needs;
+use walbridge_migration::post_data::{needs, prerequisites};
 use walbridge_migration::script::is_session_setting;
 
 use super::{StepError, retrying_on_target, save};
@@ -106,6 +106,7 @@ pub async fn apply(
     }
     start_session(&first, &preamble).await?;
     let needs = needs(statements);
+    let prerequisites = prerequisites(&needs);
     let mut progress: Vec<Progress> = statements
         .iter()
         .enumerate()
@@ -135,9 +136,7 @@ pub async fn apply(
                     Some(list) => list.iter().all(|t| tables.contains(t) && copied_tables.contains(t)),
                     None => false,
                 };
-                copied
-                    && (0..index)
-                        .all(|earlier| progress[earlier] == Progress::Done || !needs[index].waits_for(&needs[earlier]))
+                copied && prerequisites[index].iter().all(|p| progress[*p] == Progress::Done)
             };
             for index in 0..statements.len() {
                 if running.len() >= jobs {

@@ -131,6 +131,18 @@ fn restart_after_crash(daemon: &mut Daemon, left: &mut Vec<&'static str>) -> &'s
     point
 }
 
+/// Starts a `--copy-only` migration copying `parallel` units at once and
+/// waits until the controller dies at a crash point; returns the point.
+fn copy_until_the_controller_crashes(m: &mut Migration, parallel: &str) -> String {
+    let mut start = m.start_in_background(&["--copy-only", "--parallel", parallel]);
+    eventually(WAIT, "the controller to crash", || {
+        (!m.controller.is_running()).then_some(())
+    });
+    let _ = start.kill();
+    let _ = start.wait();
+    crash_point_of(&mut m.controller)
+}
+
 /// What is left to crash at, and what has crashed so far.
 struct Walk {
     controller: Vec<&'static str>,
@@ -478,13 +490,10 @@ fn a_post_data_statement_committed_during_the_copy_is_applied_once_after_a_crash
         &armed(&[fp::COPY_POST_DATA_COMMITTED]),
         "",
     );
-    let mut start = m.start_in_background(&["--copy-only", "--parallel", "1"]);
-    eventually(WAIT, "the controller to crash", || {
-        (!m.controller.is_running()).then_some(())
-    });
-    let _ = start.kill();
-    let _ = start.wait();
-    assert_eq!(crash_point_of(&mut m.controller), fp::COPY_POST_DATA_COMMITTED);
+    assert_eq!(
+        copy_until_the_controller_crashes(&mut m, "1"),
+        fp::COPY_POST_DATA_COMMITTED
+    );
     let applied_before: u64 = m
         .target
         .psql(DATABASE, "SELECT count(*) FROM walbridge_state.post_data")
@@ -495,14 +504,7 @@ fn a_post_data_statement_committed_during_the_copy_is_applied_once_after_a_crash
     m.controller.arm("");
     m.controller.restart();
     let status = m.wait_for_phase("copied", WAIT);
-    assert!(
-        status["tables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|t| t["state"] == "verified"),
-        "{status}"
-    );
+    assert!(crate::support::every_table_verified(&status), "{status}");
     assert_eq!(
         m.target.psql(
             DATABASE,
@@ -738,13 +740,7 @@ fn a_split_table_killed_mid_copy_copies_only_its_unfinished_ranges() {
         &format!("{}=4*off->return", fp::COPY_UNIT_COMMITTED),
         "",
     );
-    let mut start = m.start_in_background(&["--copy-only", "--parallel", "2"]);
-    eventually(WAIT, "the controller to crash", || {
-        (!m.controller.is_running()).then_some(())
-    });
-    let _ = start.kill();
-    let _ = start.wait();
-    assert_eq!(crash_point_of(&mut m.controller), fp::COPY_UNIT_COMMITTED);
+    assert_eq!(copy_until_the_controller_crashes(&mut m, "2"), fp::COPY_UNIT_COMMITTED);
     let committed: usize = m
         .target
         .psql(

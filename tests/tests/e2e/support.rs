@@ -544,6 +544,13 @@ pub fn stall_the_target(m: &Migration) -> Session {
     stall
 }
 
+/// Whether status shows every table verified right after its copy.
+pub fn every_table_verified(status: &serde_json::Value) -> bool {
+    status["tables"]
+        .as_array()
+        .is_some_and(|tables| !tables.is_empty() && tables.iter().all(|t| t["state"] == "verified"))
+}
+
 /// `release-source`, which must succeed: the fence a cutover left goes.
 pub fn release_source(m: &Migration) -> serde_json::Value {
     let (code, released, stderr) = m.cli_json(&["release-source", "--json"]);

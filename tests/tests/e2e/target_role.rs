@@ -115,14 +115,7 @@ fn into_a_planetscale_like_role_preflight_names_each_obstacle_and_skip_migrates(
     let (code, status, stderr) = m.cli_json(&[&["start", "--agent", "east", "--json"][..], &skip].concat());
     assert_eq!(code, Some(0), "start: {stderr} {status}");
     assert_eq!(status["phase"], "streaming", "{status}");
-    assert!(
-        status["tables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|t| t["state"] == "verified"),
-        "{status}"
-    );
+    assert!(crate::support::every_table_verified(&status), "{status}");
     let on_target = |sql: &str| m.target.psql(DATABASE, sql);
     assert_eq!(
         on_target("SELECT count(*) FROM shop.items WHERE attributes -> 'n' = '500'"),
